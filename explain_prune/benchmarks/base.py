@@ -1,0 +1,63 @@
+"""The benchmark interface: read the released format, pin one prompt and one extraction rule, score.
+
+A benchmark yields `Sample`s whose `question` is already the final prompt text (the pinned
+template applied), with everything the scorer needs in `meta` (category, split, options ...).
+A row that cannot be turned into a sample is yielded as a `SampleError` so the evaluator can
+count it (or fail under strict=true) instead of scoring it silently wrong.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from explain_prune.models.base import Sample
+
+
+@dataclass
+class SampleError:
+    """A benchmark row that could not be read: counted in results, never scored."""
+
+    id: str
+    reason: str
+
+
+@dataclass
+class Record:
+    """One scored prediction: what the evaluator appends to predictions.jsonl."""
+
+    id: str
+    prediction: str
+    answer: Any
+    extracted: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Benchmark(abc.ABC):
+    """Subclasses set the class attributes and implement load / extract / score."""
+
+    name: str = ""
+    modality: str = "image"  # "image" or "video"
+    prompt_id: str = ""  # names the pinned prompt template, recorded in results.json
+    extraction_id: str = ""  # names the pinned answer-extraction rule
+    needs_judge: bool = False
+    max_new_tokens: int = 16
+
+    def __init__(self, root: str | Path, **options: Any):
+        self.root = Path(root)
+        self.options = options
+
+    @abc.abstractmethod
+    def load(self, limit: int | None = None) -> Iterator[Sample | SampleError]:
+        ...
+
+    @abc.abstractmethod
+    def extract(self, prediction: str, sample_meta: dict[str, Any]) -> Any:
+        ...
+
+    @abc.abstractmethod
+    def score(self, records: list[Record], judge: Any = None) -> dict[str, Any]:
+        """{"overall": float, "categories": {...}, ...} with the official aggregation."""
+        ...

@@ -1,0 +1,212 @@
+"""The model-family-independent contract between data, adapters, the engine and the methods.
+
+A `VLM` adapter turns a `Sample` (images or a video + a question) into a `VisualPrompt`: the
+input embeddings of the language model with the visual tokens already scattered in, their
+positions, and where the visual and instruction tokens are.  Everything downstream (the engine,
+relevance, every pruning method) only sees `VisualPrompt` and the decoder parts exposed by
+`VLM.decoder`, so a new model family is one new file under `models/`.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+
+class InputError(ValueError):
+    """Bad user input (a missing file, an unreadable video, an empty question ...).
+
+    Entry points print its one-line message and exit non-zero; bulk jobs count it as a skip.
+    """
+
+
+@dataclass
+class Sample:
+    """One visual question.
+
+    Exactly one of `images` / `video` carries the visual input.  `video` is either a path to a
+    video file (read by `data.video.read_frames` with the adapter's frame budget) or an
+    already decoded list of frames.
+    """
+
+    id: str
+    question: str
+    images: list[Image.Image] = field(default_factory=list)
+    video: str | Path | list[Image.Image] | None = None
+    answer: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modality(self) -> str:
+        if self.video is not None:
+            return "video"
+        return "image" if self.images else "text"
+
+
+@dataclass
+class VisualPrompt:
+    """One sample after the vision encoder, ready for the language model (batch dimension 1).
+
+    position_ids is [1, L] for 1-D RoPE models and [3, 1, L] for Qwen2-VL's M-RoPE.
+    visual_index lists the positions of the visual tokens (ascending); instruction_index the
+    user-text positions after the visual span (the question), used by A_v^0.
+    """
+
+    inputs_embeds: torch.Tensor  # [1, L, d]
+    position_ids: torch.Tensor  # [1, L] or [3, 1, L]
+    attention_mask: torch.Tensor  # [1, L], 1 = real token
+    input_ids: torch.Tensor  # [1, L]; visual positions hold the family's placeholder id
+    visual_index: torch.Tensor  # [N_v] long, ascending
+    instruction_index: torch.Tensor  # [N_u] long, ascending
+    visual_grid: tuple[int, int, int]  # (t, h, w) of the visual token grid (t = frames or images)
+    sample_id: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return int(self.inputs_embeds.shape[1])
+
+    @property
+    def num_visual(self) -> int:
+        return int(self.visual_index.numel())
+
+    def next_positions(self, n: int) -> torch.Tensor:
+        """Positions of n text tokens appended after the prompt (max position + 1, + 2, ...).
+
+        For M-RoPE all three rows advance together, which is what the model does for text.
+        """
+        start = int(self.position_ids.max()) + 1
+        steps = torch.arange(start, start + n, device=self.position_ids.device)
+        if self.position_ids.dim() == 3:
+            return steps.view(1, 1, n).expand(self.position_ids.shape[0], 1, n)
+        return steps.view(1, n)
+
+
+@dataclass
+class DecoderParts:
+    """The language model's pieces the engine drives directly (no monkeypatching)."""
+
+    embed_tokens: nn.Embedding
+    layers: nn.ModuleList  # HF decoder layers: layer(h, attention_mask=, position_embeddings=, past_key_values=)
+    norm: nn.Module
+    lm_head: nn.Module
+    rotary_emb: nn.Module  # rotary_emb(x, position_ids) -> (cos, sin)
+    config: Any  # the text config (hidden_size, num_attention_heads, ...)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(getattr(self.config, "num_key_value_heads", None) or self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(getattr(self.config, "head_dim", None) or self.config.hidden_size // self.num_heads)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+
+class VLM(nn.Module, abc.ABC):
+    """A multimodal LLM adapter: one subclass per model family.
+
+    Subclasses set `self.model` (the underlying transformers model), `self.tokenizer`, and
+    implement `prepare` and `decoder`.  `generate_reference` runs the library's own
+    `generate` on the same prompt, which the tests use as the ground truth for the engine.
+    """
+
+    family: str = "base"
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    # --- what every family implements -------------------------------------------------
+    @abc.abstractmethod
+    def prepare(self, sample: Sample) -> VisualPrompt:
+        ...
+
+    @property
+    @abc.abstractmethod
+    def decoder(self) -> DecoderParts:
+        """The LM parts the engine drives."""
+
+    def generate_reference(self, prompt: VisualPrompt, max_new_tokens: int) -> torch.Tensor:
+        """Greedy `model.generate` on the prompt's embeddings and positions: [n_new] token ids."""
+        out = self.model.generate(
+            inputs_embeds=prompt.inputs_embeds,
+            position_ids=prompt.position_ids,
+            attention_mask=prompt.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+        )
+        return out[0, -max_new_tokens:] if out.shape[1] > max_new_tokens else out[0]
+
+    # --- shared behaviour ---------------------------------------------------------------
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.eos_token_ids[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def decode(self, token_ids: Sequence[int] | torch.Tensor) -> str:
+        ids = [int(t) for t in token_ids if int(t) not in self.eos_token_ids]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def embed_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[1, n] ids -> [1, n, d] embeddings with the LM's own table."""
+        return self.decoder.embed_tokens(token_ids.to(self.device))
+
+    @contextlib.contextmanager
+    def attention_implementation(self, name: str) -> Iterator[None]:
+        """Temporarily switch the language model's attention kernel (e.g. to "eager" for maps)."""
+        configs = [c for c in (self.model.config, self.decoder.config) if c is not None]
+        previous = [c._attn_implementation for c in configs]
+        try:
+            for c in configs:
+                c._attn_implementation = name
+            yield
+        finally:
+            for c, p in zip(configs, previous):
+                c._attn_implementation = p
+
+
+def instruction_positions(
+    input_ids: torch.Tensor, visual_index: torch.Tensor, suffix_len: int
+) -> torch.Tensor:
+    """User-text positions: after the last visual token, before the `suffix_len` template tokens
+    that close the user turn and open the assistant turn (e.g. "<|im_end|>\\n<|im_start|>assistant\\n")."""
+    length = int(input_ids.shape[-1])
+    start = int(visual_index.max()) + 1 if visual_index.numel() else 0
+    end = length - suffix_len
+    return torch.arange(start, max(start, end), dtype=torch.long)
