@@ -202,11 +202,12 @@ class VLM(nn.Module, abc.ABC):
 
 
 def instruction_positions(
-    input_ids: torch.Tensor, visual_index: torch.Tensor, suffix_len: int
+    input_ids: torch.Tensor, visual_index: torch.Tensor, suffix_len: int, skip: int = 0
 ) -> torch.Tensor:
-    """User-text positions: after the last visual token, before the `suffix_len` template tokens
-    that close the user turn and open the assistant turn (e.g. "<|im_end|>\\n<|im_start|>assistant\\n")."""
+    """User-text positions: after the last visual token (and the `skip` tokens that close the
+    visual span, e.g. <|vision_end|>), before the `suffix_len` template tokens that close the user
+    turn and open the assistant turn (e.g. "<|im_end|>\\n<|im_start|>assistant\\n")."""
     length = int(input_ids.shape[-1])
-    start = int(visual_index.max()) + 1 if visual_index.numel() else 0
+    start = (int(visual_index.max()) + 1 if visual_index.numel() else 0) + skip
     end = length - suffix_len
     return torch.arange(start, max(start, end), dtype=torch.long)

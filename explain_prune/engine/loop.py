@@ -1,0 +1,285 @@
+"""Prefill + greedy decode over the model's own decoder layers, with per-layer token selection.
+
+The engine owns the loop (no monkeypatching): it calls each HF decoder layer with an explicit
+additive 4-D mask, the rotary (cos, sin) of the live tokens' original positions, and its own KV
+cache.  A batch is left-padded; after a selection every sample is re-packed to its own kept
+tokens and left-padded again, so samples keep different numbers of tokens.
+
+Two ways to apply a plan, which must agree (the exactness tests prove it):
+  * "remove": dropped tokens leave the sequence and every later layer's KV cache (the fast path);
+  * "mask":   the sequence stays whole and dropped tokens are masked out of attention as keys from
+              the selecting layer on (the reference semantics).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from explain_prune.engine.plan import PrunePlan, TokenView
+from explain_prune.models.base import VisualPrompt, VLM
+
+
+@dataclass
+class Generation:
+    """One sample's greedy answer and the efficiency record of the run that produced it."""
+
+    tokens: list[int]  # new tokens, eos excluded
+    text: str
+    num_visual: int  # visual tokens at the LLM input
+    kept_per_layer: list[int]  # visual tokens attended to in each decoder layer
+    prefill_seconds: float  # wall time of the whole batch's prefill (selection included)
+    decode_seconds: float
+    kv_cache_bytes: int  # this sample's K+V bytes held after prefill (all layers, live tokens only)
+    prefill_logits: torch.Tensor | None = None  # [n_live, V] at the live positions (return_logits)
+    step_logits: torch.Tensor | None = None  # [steps, V]: logits that chose each generated token
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layer_avg_retention(self) -> float:
+        if not self.num_visual:
+            return 1.0
+        return sum(self.kept_per_layer) / (len(self.kept_per_layer) * self.num_visual)
+
+
+class KVCache:
+    """Per-layer key/value store with the `update` call HF attention modules make.
+
+    Each layer keeps its own length, so layers after a pruning layer hold only kept tokens.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx], self.values[layer_idx] = key, value
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=-2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=-2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+@dataclass
+class _Batch:
+    """The left-padded batch state entering a layer."""
+
+    hidden: torch.Tensor  # [B, L, d]
+    positions: torch.Tensor  # [B, L] or [3, B, L]
+    live: torch.Tensor  # [B, L] bool: real tokens not dropped (keys others may attend to)
+    visual: torch.Tensor  # [B, L] bool
+    instruction: torch.Tensor  # [B, L] bool
+
+    def gather(self, index: torch.Tensor, valid: torch.Tensor) -> "_Batch":
+        """Re-pack rows by `index` [B, L'] (left-padded, `valid` marks real entries)."""
+        b = torch.arange(index.shape[0], device=index.device)[:, None]
+        pos = self.positions[:, b, index] if self.positions.dim() == 3 else self.positions[b, index]
+        return _Batch(
+            hidden=self.hidden[b, index] * valid[..., None],
+            positions=pos * valid,
+            live=valid,
+            visual=self.visual[b, index] & valid,
+            instruction=self.instruction[b, index] & valid,
+        )
+
+
+def _collate(prompts: Sequence[VisualPrompt]) -> _Batch:
+    length = max(p.length for p in prompts)
+    first = prompts[0]
+    batch, dim = len(prompts), first.inputs_embeds.shape[-1]
+    device, dtype = first.inputs_embeds.device, first.inputs_embeds.dtype
+    hidden = torch.zeros(batch, length, dim, device=device, dtype=dtype)
+    mrope = first.position_ids.dim() == 3
+    positions = torch.zeros((3, batch, length) if mrope else (batch, length), dtype=torch.long, device=device)
+    live = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    visual, instruction = live.clone(), live.clone()
+    for b, p in enumerate(prompts):
+        if (p.position_ids.dim() == 3) != mrope:
+            raise ValueError("a batch mixes M-RoPE and 1-D position ids")
+        off = length - p.length
+        hidden[b, off:] = p.inputs_embeds[0]
+        if mrope:
+            positions[:, b, off:] = p.position_ids[:, 0]
+        else:
+            positions[b, off:] = p.position_ids[0]
+        live[b, off:] = p.attention_mask[0].bool()
+        visual[b, off + p.visual_index.to(device)] = True
+        instruction[b, off + p.instruction_index.to(device)] = True
+    return _Batch(hidden, positions, live, visual, instruction)
+
+
+def _additive_mask(key_live: torch.Tensor, query_count: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, Q, K] float mask for the last Q of K positions: causal, live keys only, and each
+    query may always see itself (so padded / dropped query rows never become all -inf)."""
+    keys = key_live.shape[1]
+    q_pos = torch.arange(keys - query_count, keys, device=key_live.device)
+    k_pos = torch.arange(keys, device=key_live.device)
+    causal = k_pos[None, :] <= q_pos[:, None]  # [Q, K]
+    allowed = (causal[None] & key_live[:, None, :]) | (k_pos[None, None, :] == q_pos[None, :, None])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_live.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _positions_slice(positions: torch.Tensor, b: int, index: torch.Tensor) -> torch.Tensor:
+    return positions[:, b, index] if positions.dim() == 3 else positions[b, index]
+
+
+def _select(
+    layer: int,
+    state: _Batch,
+    plans: Sequence[PrunePlan],
+    prompts: Sequence[VisualPrompt],
+    vlm: VLM,
+    previous_hidden: torch.Tensor | None,
+) -> torch.Tensor:
+    """Run each sample's selector on its live tokens -> the new live mask [B, L]."""
+    keep = state.live & ~state.visual
+    decoder = vlm.decoder
+    for b, (plan, prompt) in enumerate(zip(plans, prompts)):
+        token_index = state.live[b].nonzero().squeeze(-1)
+        live_visual = state.visual[b, token_index]
+        view = TokenView(
+            layer=layer,
+            hidden=state.hidden[b, token_index],
+            position_ids=_positions_slice(state.positions, b, token_index),
+            visual_index=live_visual.nonzero().squeeze(-1),
+            instruction_index=state.instruction[b, token_index].nonzero().squeeze(-1),
+            num_visual_input=prompt.num_visual,
+            prompt=prompt,
+            decoder=decoder,
+            previous_hidden=None if previous_hidden is None else previous_hidden[b, token_index],
+        )
+        kept = torch.as_tensor(plan.selectors[layer](view), dtype=torch.long, device=token_index.device).flatten()
+        if kept.numel() and (not bool(live_visual[kept].all()) or kept.unique().numel() != kept.numel()):
+            raise ValueError(f"selector at layer {layer} returned positions that are not distinct live visual tokens")
+        keep[b, token_index[kept]] = True
+    return keep
+
+
+def _left_packed(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source columns [B, W] that left-pad each row's kept tokens (in order), and their validity."""
+    counts = keep.sum(1)
+    width = int(counts.max())
+    pad = width - counts  # [B]
+    rows, cols = keep.nonzero(as_tuple=True)
+    target = pad[rows] + (keep.long().cumsum(1) - 1)[rows, cols]
+    index = torch.zeros(keep.shape[0], width, dtype=torch.long, device=keep.device)
+    index[rows, target] = cols
+    valid = torch.arange(width, device=keep.device)[None, :] >= pad[:, None]
+    return index, valid
+
+
+def _renumber(state: _Batch) -> None:
+    if state.positions.dim() == 3:
+        raise ValueError("renumber_positions is defined for 1-D RoPE models only (PDrop's original)")
+    state.positions = torch.where(state.live, state.live.long().cumsum(1) - 1, torch.zeros_like(state.positions))
+
+
+@torch.no_grad()
+def run(
+    vlm: VLM,
+    prompts: Sequence[VisualPrompt],
+    plans: Sequence[PrunePlan],
+    max_new_tokens: int,
+    mode: str = "remove",
+    return_logits: bool = False,
+) -> list[Generation]:
+    if mode not in ("remove", "mask"):
+        raise ValueError(f"mode must be 'remove' or 'mask', not {mode!r}")
+    decoder = vlm.decoder
+    layers, num_layers = decoder.layers, decoder.num_layers
+    selector_layers = set(plans[0].selectors)
+    for plan in plans:
+        plan.validate(num_layers)
+        if set(plan.selectors) != selector_layers or plan.renumber_positions != plans[0].renumber_positions:
+            raise ValueError("every sample of a batch must prune at the same layers")
+    eos = set(vlm.eos_token_ids)
+    is_cuda = vlm.device.type == "cuda"
+
+    start = time.perf_counter()
+    state = _collate(prompts)
+    batch = state.hidden.shape[0]
+    cache = KVCache(num_layers)
+    key_live: list[torch.Tensor] = []  # per layer: [B, K] keys that later queries may attend to
+    kept_per_layer = torch.zeros(batch, num_layers, dtype=torch.long)
+    previous_hidden = None
+    for i, layer in enumerate(layers):
+        if i in selector_layers:
+            keep = _select(i, state, plans, prompts, vlm, None if (i - 1) in selector_layers else previous_hidden)
+            if mode == "remove":
+                state = state.gather(*_left_packed(keep))
+            else:
+                state.live = keep
+            if plans[0].renumber_positions:
+                _renumber(state)
+        kept_per_layer[:, i] = (state.visual & state.live).sum(1).cpu()
+        mask = _additive_mask(state.live, state.hidden.shape[1], state.hidden.dtype)
+        cos_sin = decoder.rotary_emb(state.hidden, state.positions)
+        previous_hidden = state.hidden
+        state.hidden = layer(state.hidden, attention_mask=mask, position_embeddings=cos_sin, past_key_values=cache, use_cache=True)
+        key_live.append(state.live.clone())
+    last_hidden = decoder.norm(state.hidden)
+    prefill_logits = decoder.lm_head(last_hidden if return_logits else last_hidden[:, -1:]).float()
+    next_logits = prefill_logits[:, -1]
+    if is_cuda:
+        torch.cuda.synchronize()
+    prefill_seconds = time.perf_counter() - start
+
+    kv_bytes = torch.zeros(batch, dtype=torch.long)
+    for i in range(num_layers):
+        per_token = 2 * cache.keys[i].shape[1] * cache.keys[i].shape[-1] * cache.keys[i].element_size()
+        kv_bytes += key_live[i].sum(1).cpu() * per_token
+
+    start = time.perf_counter()
+    live_positions = state.positions.masked_fill(~state.live, -1) if state.positions.dim() == 2 else (
+        state.positions.masked_fill(~state.live[None], -1).amax(0)
+    )
+    next_position = live_positions.amax(1) + 1  # [B]: text continues after the largest live position
+    generated = [[] for _ in range(batch)]
+    step_logits: list[torch.Tensor] = []
+    finished = torch.zeros(batch, dtype=torch.bool)
+    for step in range(max_new_tokens):
+        step_logits.append(next_logits)
+        token = next_logits.argmax(-1)
+        for b in range(batch):
+            if not finished[b]:
+                if int(token[b]) in eos:
+                    finished[b] = True
+                else:
+                    generated[b].append(int(token[b]))
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        hidden = decoder.embed_tokens(token.to(vlm.device))[:, None]
+        pos = (next_position + step)[:, None]
+        if state.positions.dim() == 3:
+            pos = pos[None].expand(3, -1, -1)
+        cos_sin = decoder.rotary_emb(hidden, pos)
+        for i, layer in enumerate(layers):
+            key_live[i] = torch.cat([key_live[i], torch.ones(batch, 1, dtype=torch.bool, device=hidden.device)], 1)
+            mask = _additive_mask(key_live[i], 1, hidden.dtype)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, past_key_values=cache, use_cache=True)
+        next_logits = decoder.lm_head(decoder.norm(hidden))[:, -1].float()
+    if is_cuda:
+        torch.cuda.synchronize()
+    decode_seconds = time.perf_counter() - start
+
+    results = []
+    for b, prompt in enumerate(prompts):
+        results.append(
+            Generation(
+                tokens=generated[b],
+                text=vlm.decode(generated[b]),
+                num_visual=prompt.num_visual,
+                kept_per_layer=kept_per_layer[b].tolist(),
+                prefill_seconds=prefill_seconds,
+                decode_seconds=decode_seconds,
+                kv_cache_bytes=int(kv_bytes[b]),
+                prefill_logits=prefill_logits[b][state.live[b]].cpu() if return_logits else None,
+                step_logits=torch.stack([s[b] for s in step_logits]).cpu() if return_logits else None,
+            )
+        )
+    return results

@@ -1,0 +1,280 @@
+"""Qwen2-VL adapter: dynamic-resolution images and videos, 3-D M-RoPE positions.
+
+No `Qwen2VLProcessor` is used: its constructor type-checks a video processor that needs
+torchvision.  The prompt text and placeholder expansion are built here exactly as the processor
+does (one `<|image_pad|>` / `<|video_pad|>` per merged 2x2 patch), images go through the Pil
+image processor, and video frames are resized/normalised with the same processor and patchified
+with the temporal patch layout of `Qwen2VLVideoProcessor`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.image_utils import SizeDict
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from explain_prune.data.video import read_frames
+from explain_prune.models.base import (
+    DecoderParts,
+    InputError,
+    Sample,
+    VisualPrompt,
+    VLM,
+    instruction_positions,
+)
+from explain_prune.models.tiny import build_tokenizer
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+ASSISTANT_OPEN = "<|im_end|>\n<|im_start|>assistant\n"  # closes the user turn, opens the answer
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise InputError(f"unknown dtype {name!r} (known: {', '.join(_DTYPES)})")
+    return _DTYPES[name]
+
+
+def load_image(image: Image.Image | str | Path) -> Image.Image:
+    """An RGB PIL image from a PIL image or a path; one-line InputError if unreadable."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise InputError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as err:  # PIL raises several types for corrupt files
+        raise InputError(f"unreadable image {path}: {type(err).__name__}") from None
+
+
+def tiny_qwen2vl_config(tiny: Mapping[str, Any], tokenizer: Any, attn_implementation: str) -> Qwen2VLConfig:
+    ids = tokenizer.convert_tokens_to_ids
+    vision = tiny.get("vision", {})
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=tiny["hidden_size"],
+            intermediate_size=tiny["intermediate_size"],
+            num_hidden_layers=tiny["num_layers"],
+            num_attention_heads=tiny["num_heads"],
+            num_key_value_heads=tiny["num_kv_heads"],
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": list(tiny["mrope_section"])},
+            initializer_range=tiny.get("initializer_range", 0.02),
+            bos_token_id=None,
+            eos_token_id=ids("<|im_end|>"),
+            pad_token_id=ids("<|endoftext|>"),
+        ),
+        vision_config=dict(
+            depth=vision.get("depth", 2),
+            embed_dim=vision.get("embed_dim", 32),
+            hidden_size=tiny["hidden_size"],
+            num_heads=vision.get("num_heads", 4),
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            initializer_range=tiny.get("initializer_range", 0.02),
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        initializer_range=tiny.get("initializer_range", 0.02),
+        attn_implementation=attn_implementation,
+    )
+
+
+class Qwen2VL(VLM):
+    family = "qwen2vl"
+
+    def __init__(
+        self,
+        name: str,
+        model: Qwen2VLForConditionalGeneration,
+        tokenizer: Any,
+        image_processor: Qwen2VLImageProcessorPil,
+        video_max_pixels: int,
+        num_frames: int,
+        frame_sampling: str,
+    ):
+        super().__init__(name)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.video_max_pixels = int(video_max_pixels)
+        self.num_frames = int(num_frames)
+        self.frame_sampling = frame_sampling
+        cfg = model.config
+        self.image_token_id = int(cfg.image_token_id)
+        self.video_token_id = int(cfg.video_token_id)
+        self.merge = int(cfg.vision_config.spatial_merge_size)
+        self.patch = int(cfg.vision_config.patch_size)
+        self.temporal_patch = int(cfg.vision_config.temporal_patch_size)
+        self._suffix_len = len(tokenizer(ASSISTANT_OPEN, add_special_tokens=False)["input_ids"])
+
+    # --- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], modality: Mapping[str, Any] | None = None) -> "Qwen2VL":
+        dtype = torch_dtype(cfg.get("dtype", "float32"))
+        attn = cfg.get("attn_implementation", "sdpa")
+        image_cfg, video_cfg = cfg.get("image", {}), cfg.get("video", {})
+        if cfg.get("pretrained"):
+            path = str(cfg["pretrained"])
+            if path.startswith((".", "/")) and not Path(path).is_dir():
+                raise InputError(f"model {cfg.get('name')}: checkpoint directory not found: {path}")
+            try:
+                model = Qwen2VLForConditionalGeneration.from_pretrained(
+                    path, dtype=dtype, attn_implementation=attn, trust_remote_code=bool(cfg.get("trust_remote_code", False))
+                )
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except OSError as err:
+                raise InputError(f"model {cfg.get('name')}: cannot load {path!r}: {str(err).splitlines()[0]}") from None
+        else:
+            tiny = cfg["tiny"]
+            tokenizer = build_tokenizer()
+            torch.manual_seed(int(tiny.get("seed", 0)))
+            model = Qwen2VLForConditionalGeneration(tiny_qwen2vl_config(tiny, tokenizer, attn)).to(dtype)
+            model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=int(image_cfg.get("min_pixels", 56 * 56)),
+            max_pixels=int(image_cfg.get("max_pixels", 28 * 28 * 1280)),
+        )
+        modality = modality or {}
+        return cls(
+            name=str(cfg.get("name", "qwen2vl")),
+            model=model,
+            tokenizer=tokenizer,
+            image_processor=image_processor,
+            video_max_pixels=int(video_cfg.get("max_pixels", 384 * 28 * 28)),
+            num_frames=int(modality.get("num_frames") or video_cfg.get("num_frames", 8)),
+            frame_sampling=str(modality.get("sampling") or video_cfg.get("sampling", "linspace")),
+        )
+
+    # --- prompt and pixels --------------------------------------------------------------------
+    @staticmethod
+    def prompt_text(question: str, visual_placeholders: str) -> str:
+        """The chat-template text of one user turn with its visual span, ending at the answer."""
+        return (
+            f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+            f"{visual_placeholders}{question}{ASSISTANT_OPEN}"
+        )
+
+    def image_pixels(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> pixel_values [sum patches, C*tps*14*14], image_grid_thw [n_images, 3]."""
+        out = self.image_processor(images=images, return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+    def video_pixels(self, frames: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames -> pixel_values_videos [gt*gh*gw, C*tps*14*14], video_grid_thw [1, 3].
+
+        Frames are resized/rescaled/normalised by the image processor (same budget rule, with the
+        video pixel budget), an odd frame count repeats the last frame, then consecutive frame
+        pairs become one temporal patch, as Qwen2VLVideoProcessor lays them out.
+        """
+        proc = self.image_processor
+        factor = self.patch * self.merge
+        size = SizeDict(shortest_edge=proc.size.shortest_edge, longest_edge=self.video_max_pixels)
+        arrays = []
+        for frame in frames:
+            arr = np.asarray(frame.convert("RGB")).transpose(2, 0, 1)
+            arr = proc.resize(arr, size=size, resample=proc.resample, factor=factor)
+            arr = proc.normalize(proc.rescale(arr, proc.rescale_factor), proc.image_mean, proc.image_std)
+            arrays.append(np.asarray(arr, dtype=np.float32))
+        if len(arrays) % self.temporal_patch:
+            arrays += [arrays[-1]] * (self.temporal_patch - len(arrays) % self.temporal_patch)
+        video = np.stack(arrays)  # [T, C, H, W]
+        t, c, h, w = video.shape
+        gt, gh, gw = t // self.temporal_patch, h // self.patch, w // self.patch
+        m, p, tp = self.merge, self.patch, self.temporal_patch
+        patches = video.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+        patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, c * tp * p * p)
+        return torch.from_numpy(np.ascontiguousarray(patches)), torch.tensor([[gt, gh, gw]])
+
+    # --- the contract -----------------------------------------------------------------------------
+    def prepare(self, sample: Sample) -> VisualPrompt:
+        question = (sample.question or "").strip()
+        if not question:
+            raise InputError(f"sample {sample.id!r}: empty question")
+        model = self.model.model
+        if sample.video is not None:
+            frames = sample.video
+            if not isinstance(frames, list):
+                frames = read_frames(frames, self.num_frames, sample.meta.get("frame_sampling", self.frame_sampling))
+            if not frames:
+                raise InputError(f"sample {sample.id!r}: video has no frames")
+            pixels, grid = self.video_pixels([load_image(f) for f in frames])
+            pad_id, kind = self.video_token_id, 2
+            grids = {"video_grid_thw": grid}
+        elif sample.images:
+            pixels, grid = self.image_pixels([load_image(img) for img in sample.images])
+            pad_id, kind = self.image_token_id, 1
+            grids = {"image_grid_thw": grid}
+        else:
+            raise InputError(f"sample {sample.id!r}: no image or video (Qwen2-VL needs a visual input)")
+
+        pad_token = self.tokenizer.convert_ids_to_tokens(pad_id)
+        counts = (grid.prod(-1) // self.merge**2).tolist()
+        span = "".join(f"<|vision_start|>{pad_token * n}<|vision_end|>" for n in counts)
+        input_ids = self.tokenizer(self.prompt_text(question, span), return_tensors="pt", add_special_tokens=False)[
+            "input_ids"
+        ]
+        device = self.device
+        input_ids = input_ids.to(device)
+        visual_mask = input_ids[0] == pad_id
+        mm_token_type_ids = (input_ids == pad_id).int() * kind
+        attention_mask = torch.ones_like(input_ids)
+
+        with torch.no_grad():
+            embeds = self.decoder.embed_tokens(input_ids)
+            pixels = pixels.to(device=device, dtype=self.dtype)
+            if kind == 1:
+                feats = model.get_image_features(pixels, grids["image_grid_thw"].to(device)).pooler_output
+            else:
+                feats = model.get_video_features(pixels, grids["video_grid_thw"].to(device)).pooler_output
+            feats = torch.cat(feats).to(embeds.dtype)
+            if feats.shape[0] != int(visual_mask.sum()):
+                raise InputError(f"sample {sample.id!r}: {feats.shape[0]} visual features for {int(visual_mask.sum())} placeholders")
+            embeds[0, visual_mask] = feats
+            position_ids, _ = model.get_rope_index(
+                input_ids,
+                mm_token_type_ids,
+                image_grid_thw=grids.get("image_grid_thw", None) if kind == 1 else None,
+                video_grid_thw=grids.get("video_grid_thw", None) if kind == 2 else None,
+                attention_mask=attention_mask,
+            )
+        visual_index = visual_mask.nonzero().squeeze(-1).cpu()
+        t = int(grid[:, 0].sum())
+        h, w = int(grid[0, 1]) // self.merge, int(grid[0, 2]) // self.merge
+        return VisualPrompt(
+            inputs_embeds=embeds,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            input_ids=input_ids,
+            visual_index=visual_index,
+            instruction_index=instruction_positions(input_ids, visual_index, self._suffix_len, skip=1),
+            visual_grid=(t, h, w),
+            sample_id=sample.id,
+            meta={"mm_token_type_ids": mm_token_type_ids, "pixel_values": pixels, **grids, "modality": sample.modality},
+        )
+
+    @property
+    def decoder(self) -> DecoderParts:
+        lm = self.model.model.language_model
+        return DecoderParts(
+            embed_tokens=lm.embed_tokens,
+            layers=lm.layers,
+            norm=lm.norm,
+            lm_head=self.model.lm_head,
+            rotary_emb=lm.rotary_emb,
+            config=lm.config,
+        )
