@@ -1,0 +1,196 @@
+"""NExT-QA (Xiao et al. 2021): causal / temporal / descriptive questions on everyday videos, in two
+task forms, registered as `nextqa_mc` and `nextqa_oe`.
+
+Data (`root`, env `NEXTQA_ROOT`): the HF `lmms-lab/NExTQA` release lmms-eval reads —
+`MC/test-00000-of-00001.parquet` (multiple choice; `video, frame_count, width, height, question,
+answer, qid, type, a0..a4`, `answer` the index 0–4 of the right option) and
+`OE/<split>-00000-of-00001.parquet` (open-ended, split `test` or `validation`; `video, qid,
+question, answer, type, additional_ref_answer`), or the same columns as CSV (`data_file`). Videos:
+`NExTVideo/<video>.mp4` (lmms-eval's layout; `.MP4` also tried).
+
+`nextqa_mc` — prompt `lmms_nextqa_mc`: "<question>" then "A. <a0>" ... "E. <a4>" (lmms-eval
+`nextqa_doc_to_text_mc`) and "Answer with the option's letter from the given choices directly."
+Extraction `vlmeval_can_infer` (`extract.extract_option_letter`): deterministic — lmms-eval instead
+*randomly* picks a letter when none can be parsed. Score: accuracy in %, overall and per `type`.
+
+`nextqa_oe` — prompt `lmms_nextqa_oe`: "<question>" + "\nAnswer a question using a short phrase or
+sentence." (lmms-eval's OE post-prompt). Extraction: none. Score `nextqa_wups` (NExT-OE
+`eval_oe.py`; `benchmarks/wups.py`): both texts through `remove_stop`; for types DB and DC an exact
+match of the normalised texts (1/0) at both thresholds, otherwise WUPS@0 and WUPS@0.9; with an
+`additional_ref_answer` the max over the two references (at the same α — lmms-eval uses α = 0 for
+the second reference at @0.9, a slip not reproduced). Type TP counts as TN. Reported ×100: `overall`
+= WUPS@0 over all questions (NExT-OE's "WUPS"), `wups0`/`wups9` per type (CW CH TN TC DB DC DL DO),
+their C/T/D groups, and overall WUPS@0.9.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterator
+
+from explain_prune.benchmarks.base import Record
+from explain_prune.benchmarks.extract import OPTION_LETTER_EXTRACTION_ID, extract_option_letter
+from explain_prune.benchmarks.video_base import (
+    RowError,
+    VideoBenchmark,
+    find_data_file,
+    grouped_mean,
+    percent,
+    read_table,
+    text_field,
+)
+from explain_prune.benchmarks.wups import Wups
+from explain_prune.models.base import InputError, Sample
+
+OPTIONS = ("A", "B", "C", "D", "E")
+QTYPES = ("CW", "CH", "TN", "TC", "DB", "DC", "DL", "DO")
+MC_POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
+OE_POST_PROMPT = "\nAnswer a question using a short phrase or sentence."
+OE_SPLITS = ("test", "validation")
+
+
+class _NExTQA(VideoBenchmark):
+    env_var = "NEXTQA_ROOT"
+    frame_sampling = "linspace"
+    video_extensions = (".mp4", ".MP4")
+    required: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    def data_candidates(self) -> tuple[str, ...]:
+        """Released data files to look for, relative to the root."""
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        path = find_data_file(self.root, self.data_candidates(), "NExT-QA", self.data_file)
+        rows = read_table(path)
+        if rows:
+            missing = sorted(set(self.required) - set(rows[0]))
+            if missing:
+                raise InputError(f"{path} lacks column(s) {missing} (columns: {sorted(rows[0])})")
+        yield from rows
+
+    def record_id(self, rec: dict[str, Any], position: int) -> str:
+        return f"{text_field(rec, 'video')}_{text_field(rec, 'qid')}"
+
+    def base(self, rec: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
+        sid = self.record_id(rec, -1)
+        video = text_field(rec, "video")
+        qtype = text_field(rec, "type")
+        question = text_field(rec, "question").strip()
+        path = self.video_path(self.root / "NExTVideo", video)
+        meta = {**self.video_meta(), "video": video, "qid": text_field(rec, "qid"), "type": qtype, "question": question}
+        return sid, question, str(path), meta
+
+
+class NExTQAMC(_NExTQA):
+    name = "nextqa_mc"
+    prompt_id = "lmms_nextqa_mc"
+    extraction_id = OPTION_LETTER_EXTRACTION_ID
+    max_new_tokens = 16
+    required = ("video", "qid", "question", "answer", "type", "a0", "a1", "a2", "a3", "a4")
+
+    def data_candidates(self) -> tuple[str, ...]:
+        return ("MC/test-00000-of-00001.parquet",)
+
+    def make_sample(self, rec: dict[str, Any]) -> Sample:
+        sid, question, video, meta = self.base(rec)
+        options = {letter: text_field(rec, f"a{i}").strip() for i, letter in enumerate(OPTIONS)}
+        try:
+            answer_index = int(float(text_field(rec, "answer")))
+        except ValueError as err:
+            raise RowError(f"answer {rec.get('answer')!r} is not an option index") from err
+        if not 0 <= answer_index < len(OPTIONS):
+            raise RowError(f"answer index {answer_index} is outside 0-4")
+        answer = OPTIONS[answer_index]
+        prompt = "\n".join([question] + [f"{k}. {v}" for k, v in options.items()]) + MC_POST_PROMPT
+        meta.update(options=options, answer=answer)
+        return Sample(id=sid, question=prompt, video=video, answer=answer, meta=meta)
+
+    def extract(self, prediction: str, sample_meta: dict[str, Any]) -> str | None:
+        return extract_option_letter(str(prediction), sample_meta["options"])
+
+    def score(self, records: list[Record], judge: Any = None) -> dict[str, Any]:
+        hits = []
+        for rec in records:
+            rec.extracted = None if rec.prediction is None else self.extract(rec.prediction, rec.meta)
+            hits.append(int(rec.extracted is not None and rec.extracted == rec.answer))
+        return {
+            **self.describe(),
+            "n": len(records),
+            "overall": percent(sum(hits), len(hits)),
+            "types": grouped_mean(((r.meta.get("type"), h) for r, h in zip(records, hits)), 100.0),
+            "unextracted": sum(r.extracted is None for r in records),
+        }
+
+
+class NExTQAOE(_NExTQA):
+    name = "nextqa_oe"
+    prompt_id = "lmms_nextqa_oe"
+    extraction_id = "nextqa_wups"
+    max_new_tokens = 32
+    required = ("video", "qid", "question", "answer", "type")
+
+    def __init__(self, root=None, split: str = "test", wordnet_path: str | None = None, pos_tagger: str = "auto", **kwargs: Any):
+        super().__init__(root, **kwargs)
+        if split not in OE_SPLITS:
+            raise InputError(f"nextqa_oe: unknown split {split!r} (known: {', '.join(OE_SPLITS)})")
+        self.split = split
+        self.wordnet_path = wordnet_path
+        self.pos_tagger = pos_tagger
+        self._wups: Wups | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "split": self.split}
+
+    def data_candidates(self) -> tuple[str, ...]:
+        return (f"OE/{self.split}-00000-of-00001.parquet",)
+
+    @property
+    def metric(self) -> Wups:
+        if self._wups is None:
+            self._wups = Wups.from_path(self.wordnet_path, tagger=self.pos_tagger)
+        return self._wups
+
+    def make_sample(self, rec: dict[str, Any]) -> Sample:
+        sid, question, video, meta = self.base(rec)
+        answer = text_field(rec, "answer")
+        meta.update(answer=answer, additional_ref_answer=text_field(rec, "additional_ref_answer", required=False))
+        return Sample(id=sid, question=question + OE_POST_PROMPT, video=video, answer=answer, meta=meta)
+
+    def extract(self, prediction: str, sample_meta: dict[str, Any]) -> str:
+        return str(prediction)
+
+    def item_scores(self, prediction: str, answer: str, qtype: str, extra: str | None) -> tuple[float, float]:
+        """(WUPS@0, WUPS@0.9) of one answer, NExT-OE `eval_oe.py` rules."""
+        m = self.metric
+        pred = m.remove_stop(prediction)
+        refs = [m.remove_stop(answer)] + ([m.remove_stop(extra)] if extra else [])
+        if qtype in ("DB", "DC"):
+            exact = float(any(pred == r for r in refs))
+            return exact, exact
+        return max(m.score(pred, r, 0.0) for r in refs), max(m.score(pred, r, 0.9) for r in refs)
+
+    def score(self, records: list[Record], judge: Any = None) -> dict[str, Any]:
+        rows = []
+        for rec in records:
+            qtype = rec.meta["type"]
+            qtype = "TN" if qtype == "TP" else qtype
+            if qtype not in QTYPES:
+                raise InputError(f"nextqa_oe: record {rec.id} has unknown question type {qtype!r}")
+            pred = "" if rec.prediction is None else str(rec.prediction)
+            w0, w9 = self.item_scores(pred, str(rec.answer), qtype, rec.meta.get("additional_ref_answer"))
+            rec.extracted = {"wups0": w0, "wups9": w9}
+            rows.append((qtype, w0, w9))
+        n = len(rows)
+        wups0 = grouped_mean(((t, w0) for t, w0, _ in rows), 100.0)
+        wups9 = grouped_mean(((t, w9) for t, _, w9 in rows), 100.0)
+        groups = grouped_mean(((t[0], w0) for t, w0, _ in rows), 100.0)
+        return {
+            **self.describe(),
+            **self.metric.describe(),
+            "n": n,
+            "overall": 100.0 * sum(w0 for _, w0, _ in rows) / n if n else 0.0,
+            "wups9_overall": 100.0 * sum(w9 for _, _, w9 in rows) / n if n else 0.0,
+            "wups0": {t: wups0[t] for t in QTYPES if t in wups0},
+            "wups9": {t: wups9[t] for t in QTYPES if t in wups9},
+            "wups0_groups": {g: groups[g] for g in ("C", "T", "D") if g in groups},
+        }

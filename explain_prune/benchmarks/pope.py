@@ -1,0 +1,97 @@
+"""POPE (Li et al. 2023): object-hallucination Yes/No questions in three splits.
+
+Data: `$LMUData/POPE.tsv` (VLMEvalKit format; index, image, question, answer, category). `category`
+names the split(s) — adversarial / popular / random — and may be comma-separated when one question
+belongs to several splits; such a row is counted once per split (VLMEvalKit `POPE_rating` explodes
+the column *before* computing the overall numbers too).
+
+Prompt `vlmeval_qwen2vl_yorn`: question + " Please answer yes or no." (VLMEvalKit's Y/N prompt for
+POPE with Qwen2-VL). Extraction `vlmeval_yorn` (`extract.extract_yes_no`).
+
+Scoring (positive class = "Yes"; an "Unknown" extraction counts as a "No" prediction, as in
+VLMEvalKit): accuracy, precision, recall, F1 and yes-ratio (share of "Yes" predictions, POPE's own
+definition; lmms-eval's `pope_yes_ratio` instead counts ground-truth "yes"), all in %, overall and
+per split. `overall` is the overall F1 — what VLMEvalKit reports as POPE "Overall".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from explain_prune.benchmarks.base import Record
+from explain_prune.benchmarks.extract import YES_NO_EXTRACTION_ID, extract_yes_no
+from explain_prune.benchmarks.mme import normalize_yes_no_answer
+from explain_prune.benchmarks.vlmeval_tsv import RowError, TSVRow, VLMEvalImageBenchmark, percent
+from explain_prune.models.base import Sample
+
+YORN_SUFFIX = " Please answer yes or no."
+
+
+def binary_metrics(pairs: list[tuple[bool, bool]]) -> dict[str, float]:
+    """(truth is Yes, prediction is Yes) pairs -> accuracy/precision/recall/F1/yes_ratio in %.
+
+    Precision (recall) is 0 when there is no predicted (true) positive, F1 is 0 when both are 0."""
+    tp = sum(t and p for t, p in pairs)
+    fp = sum((not t) and p for t, p in pairs)
+    fn = sum(t and (not p) for t, p in pairs)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": percent(sum(t == p for t, p in pairs), len(pairs)),
+        "precision": 100.0 * precision,
+        "recall": 100.0 * recall,
+        "f1": 100.0 * f1,
+        "yes_ratio": percent(sum(p for _, p in pairs), len(pairs)),
+        "n": len(pairs),
+    }
+
+
+def split_names(category: str | None) -> list[str]:
+    return [c.strip() for c in (category or "").split(",") if c.strip()]
+
+
+class POPE(VLMEvalImageBenchmark):
+    name = "pope"
+    tsv_name = "POPE"
+    prompt_id = "vlmeval_qwen2vl_yorn"
+    extraction_id = YES_NO_EXTRACTION_ID
+    max_new_tokens = 16
+
+    def make_sample(self, row: TSVRow) -> Sample:
+        meta = self.base_meta(row)
+        answer = normalize_yes_no_answer(row.get("answer"))
+        splits = split_names(meta["category"])
+        if not splits:
+            raise RowError("row has no category (the POPE split)")
+        meta["answer"] = answer
+        meta["splits"] = splits
+        question = row.get("question") + YORN_SUFFIX
+        return Sample(id=row.index, question=question, images=row.images, answer=answer, meta=meta)
+
+    def extract(self, prediction: str, sample_meta: dict[str, Any]) -> str:
+        return extract_yes_no(prediction)
+
+    def score(self, records: list[Record], judge: Any = None) -> dict[str, Any]:
+        exploded: list[tuple[str, bool, bool]] = []
+        unknown = 0
+        for rec in records:
+            rec.extracted = self.extract(rec.prediction, rec.meta)
+            unknown += rec.extracted == "Unknown"
+            truth, pred = rec.answer == "Yes", rec.extracted == "Yes"
+            splits = rec.meta.get("splits") or split_names(rec.meta.get("category"))
+            exploded.extend((s, truth, pred) for s in splits)
+        overall = binary_metrics([(t, p) for _, t, p in exploded])
+        splits = {
+            s: binary_metrics([(t, p) for name, t, p in exploded if name == s])
+            for s in sorted({name for name, _, _ in exploded})
+        }
+        return {
+            **self.describe(),
+            "n": len(records),
+            "n_exploded": len(exploded),
+            "overall": overall["f1"],
+            **{k: overall[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")},
+            "splits": splits,
+            "unknown_answers": unknown,
+        }

@@ -1,0 +1,15 @@
+"""SEED-Bench, image part (Li et al. 2023): 4-way multiple-choice questions in 9 dimensions.
+
+Data: `$LMUData/SEEDBench_IMG.tsv` (VLMEvalKit format; index, image, question, A-D, answer,
+category). Prompt / extraction / scoring: see `benchmarks/mcq.py` — accuracy overall and per
+`category` (the evaluation dimension).
+"""
+
+from __future__ import annotations
+
+from explain_prune.benchmarks.mcq import VLMEvalMCQBenchmark
+
+
+class SEEDBenchIMG(VLMEvalMCQBenchmark):
+    name = "seedbench"
+    tsv_name = "SEEDBench_IMG"

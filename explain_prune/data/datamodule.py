@@ -1,0 +1,285 @@
+"""LightningDataModule over relevance caches: (A_v^0, R_v*) pairs for training f_θ.
+
+- Samples come from one or more caches (`CacheReader`), optionally only those the MLLM answered
+  correctly (App. B).
+- The train/val split is a function of each sample's key alone (sha256 of "seed:data/id"), so it
+  is the same for any set of caches, order, or number of workers/ranks.
+- Batches are length-bucketed: each epoch the training samples are shuffled (seed + epoch), cut
+  into buckets of `bucket_batches * batch_size`, each bucket sorted by length and cut into batches,
+  and the batches shuffled.  This keeps padding to a few percent while keeping batches random.
+- Under DDP the sampler shards batches itself (rank::world_size, equal counts for training), so
+  the trainer runs with `use_distributed_sampler=False`.
+- Collate pads to the longest sample and returns a dict with the mask and R_v* computed from R_v.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from explain_prune.compress.labels import make_label
+from explain_prune.data.cache import CachedSample, CacheReader
+from explain_prune.models.base import InputError
+
+log = logging.getLogger(__name__)
+
+
+def split_of(key: str, val_fraction: float, seed: int = 0) -> str:
+    """'val' or 'train' from a hash of the sample key (deterministic, order independent)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "val" if u < val_fraction else "train"
+
+
+class RelevanceDataset(Dataset):
+    """Map-style dataset of cached samples: item i -> (a0 [N], rv [N], key)."""
+
+    def __init__(self, samples: Sequence[CachedSample]):
+        self.samples = list(samples)
+        self.lengths = [s.length for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        s = self.samples[i]
+        return s.a0, s.rv, f"{s.data}/{s.id}"
+
+
+class PadCollate:
+    """Pad a list of (a0, rv, key) to [B, N_max]; R_v* from R_v with `mask_ratio`."""
+
+    def __init__(self, mask_ratio: float = 0.5):
+        self.mask_ratio = float(mask_ratio)
+
+    def __call__(self, items: Sequence[tuple[torch.Tensor, torch.Tensor, str]]) -> dict[str, Any]:
+        lengths = torch.tensor([a.numel() for a, _, _ in items], dtype=torch.long)
+        n = int(lengths.max())
+        a0 = torch.zeros(len(items), n, dtype=torch.float32)
+        rv = torch.zeros(len(items), n, dtype=torch.float32)
+        for i, (a, r, _) in enumerate(items):
+            a0[i, : a.numel()] = a
+            rv[i, : r.numel()] = r
+        mask = torch.arange(n)[None, :] < lengths[:, None]
+        return {
+            "a0": a0,
+            "rv": rv,
+            "label": make_label(rv, mask, self.mask_ratio),
+            "mask": mask,
+            "lengths": lengths,
+            "ids": [k for _, _, k in items],
+        }
+
+
+class _EpochHolder:
+    """Lightning calls `set_epoch` on `batch_sampler.sampler`; this carries it to the bucket sampler."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Length-bucketed batches (see module doc).  Deterministic given (seed, epoch, rank, world)."""
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        bucket_batches: int = 16,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        even: bool = True,
+    ):
+        if batch_size < 1 or bucket_batches < 1:
+            raise InputError(f"batch_size and bucket_batches must be >= 1, got {batch_size}, {bucket_batches}")
+        self.lengths = list(lengths)
+        self.batch_size = int(batch_size)
+        self.bucket_batches = int(bucket_batches)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.even = bool(even)
+        self.sampler = _EpochHolder()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def _all_batches(self) -> list[list[int]]:
+        order = list(range(len(self.lengths)))
+        rng = random.Random(self.seed * 1_000_003 + self.sampler.epoch)
+        if self.shuffle:
+            rng.shuffle(order)
+        bucket = self.batch_size * self.bucket_batches
+        batches: list[list[int]] = []
+        for start in range(0, len(order), bucket):
+            chunk = sorted(order[start : start + bucket], key=lambda i: (self.lengths[i], i))
+            batches.extend(chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size))
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def _mine(self) -> list[list[int]]:
+        batches = self._all_batches()
+        if self.world_size > 1:
+            if self.even:
+                batches = batches[: len(batches) - len(batches) % self.world_size] or batches[: self.world_size]
+            batches = batches[self.rank :: self.world_size]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._mine())
+
+    def __len__(self) -> int:
+        return len(self._mine())
+
+    def padding_fraction(self) -> float:
+        """Share of padded positions over one epoch of batches."""
+        real = padded = 0
+        for b in self._mine():
+            lens = [self.lengths[i] for i in b]
+            real += sum(lens)
+            padded += max(lens) * len(lens)
+        return 1.0 - real / max(padded, 1)
+
+
+class RelevanceDataModule(L.LightningDataModule):
+    """Train/val (A_v^0, R_v*) batches from `cache_dirs` (+ optional `eval_dirs` for validation only).
+
+    cache_dirs: list of caches, each a directory or a list of part-directories.
+    expect_meta: identity every cache must have (model / modality; data=None allows several sources).
+    eval_dirs: if given, validation uses *all* samples of these caches (e.g. longer sequences)
+      instead of the held-out split.
+    """
+
+    def __init__(
+        self,
+        cache_dirs: Sequence[str | Path | Sequence[str | Path]] | str | Path,
+        expect_meta: Mapping[str, Any] | None = None,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        bucket_batches: int = 16,
+        num_workers: int = 0,
+        only_correct: bool = True,
+        mask_ratio: float = 0.5,
+        seed: int = 0,
+        pin_memory: bool = False,
+        eval_dirs: Sequence[str | Path | Sequence[str | Path]] | str | Path | None = None,
+        eval_expect_meta: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        if not 0.0 < float(val_fraction) < 1.0:
+            raise InputError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.cache_dirs = self._as_list(cache_dirs)
+        self.eval_dirs = None if eval_dirs is None else self._as_list(eval_dirs)
+        self.expect_meta = dict(expect_meta or {})
+        self.eval_expect_meta = dict(eval_expect_meta if eval_expect_meta is not None else self.expect_meta)
+        self.batch_size = int(batch_size)
+        self.val_fraction = float(val_fraction)
+        self.split_seed = int(split_seed)
+        self.bucket_batches = int(bucket_batches)
+        self.num_workers = int(num_workers)
+        self.only_correct = bool(only_correct)
+        self.mask_ratio = float(mask_ratio)
+        self.seed = int(seed)
+        self.pin_memory = bool(pin_memory)
+        self.train_set: RelevanceDataset | None = None
+        self.val_set: RelevanceDataset | None = None
+        self.cache_meta: dict[str, Any] = {}
+
+    @staticmethod
+    def _as_list(dirs: Any) -> list[Any]:
+        if isinstance(dirs, (str, Path)):
+            return [dirs]
+        return list(dirs)
+
+    def _read(self, dirs: list[Any], expect: Mapping[str, Any]) -> list[CachedSample]:
+        samples: list[CachedSample] = []
+        for entry in dirs:
+            reader = CacheReader(entry, expect)
+            if not self.cache_meta:
+                self.cache_meta = {k: reader.meta.get(k) for k in ("model", "model_id", "data", "modality")}
+            chosen = [s for s in reader if (s.correct is True or not self.only_correct)]
+            if not chosen:
+                raise InputError(
+                    f"cache {entry}: none of its {len(reader)} samples has correct=true "
+                    "(set datamodule.only_correct=false to train on all)"
+                )
+            samples.extend(chosen)
+        return samples
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None or self.val_set is not None:
+            return
+        need_train = stage in (None, "fit") or self.eval_dirs is None
+        train, val = [], []
+        if need_train:
+            for s in self._read(self.cache_dirs, self.expect_meta):
+                (val if split_of(f"{s.data}/{s.id}", self.val_fraction, self.split_seed) == "val" else train).append(s)
+            if stage in (None, "fit") and not train:
+                raise InputError("no training samples after the train/val split (cache too small?)")
+        if self.eval_dirs is not None:
+            val = self._read(self.eval_dirs, self.eval_expect_meta)
+        if not val:
+            raise InputError("no validation samples after the train/val split (raise val_fraction or add data)")
+        self.train_set = RelevanceDataset(train) if train else None
+        self.val_set = RelevanceDataset(val)
+        log.info(
+            "relevance data: %d train / %d val samples (lengths %d-%d)",
+            len(train),
+            len(val),
+            min(self.val_set.lengths + (self.train_set.lengths if self.train_set else [])),
+            max(self.val_set.lengths + (self.train_set.lengths if self.train_set else [])),
+        )
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def _loader(self, dataset: RelevanceDataset, train: bool) -> DataLoader:
+        rank, world = self._rank_world()
+        sampler = BucketBatchSampler(
+            dataset.lengths,
+            self.batch_size,
+            self.bucket_batches,
+            shuffle=train,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            even=train,
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=PadCollate(self.mask_ratio),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise InputError("no training data (only an evaluation cache was set up)")
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None, "setup() first"
+        return self._loader(self.val_set, train=False)
+
+
+__all__ = ["RelevanceDataModule", "RelevanceDataset", "BucketBatchSampler", "PadCollate", "split_of"]

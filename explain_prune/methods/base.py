@@ -1,0 +1,139 @@
+"""The contract every pruning method implements, and the bookkeeping they share.
+
+A `Method` is built once per run from a retention ratio and its options (conf/method/<name>.yaml)
+and asked for a `PrunePlan` per sample.  It also states its analytic visual-token schedule
+(`visual_tokens_per_layer`), which the FLOPs / KV accounting uses and which must equal what the
+engine records in `Generation.kept_per_layer` (tests/test_methods.py checks it).
+
+Every selector a method registers goes through `tracked`, which records in `plan.info`:
+  * "kept":   {layer: LongTensor of the kept visual tokens as ordinals 0..N_v-1 of the prompt's
+               visual tokens} — which tokens survived, for tests and visualisation;
+  * "scores": {layer: the scores the ranking used, aligned with the live visual tokens}.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+
+from explain_prune.engine.plan import PrunePlan, TokenView
+from explain_prune.models.base import InputError, VisualPrompt, VLM
+
+SelectFn = Callable[[TokenView], "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+def check_retention(retention: Any) -> float:
+    """A retention ratio in (0, 1], else InputError."""
+    try:
+        value = float(retention)
+    except (TypeError, ValueError):
+        raise InputError(f"retention must be a number in (0, 1], got {retention!r}") from None
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise InputError(f"retention must be in (0, 1], got {retention!r}")
+    return value
+
+
+def keep_count(ratio: float, n_visual: int) -> int:
+    """DESIGN §4: k = max(1, round(r * N_v)), never more than N_v (same rule as TokenView.budget)."""
+    n_visual = int(n_visual)
+    if n_visual <= 0:
+        return 0
+    return min(max(1, round(float(ratio) * n_visual)), n_visual)
+
+
+def tracked(plan: PrunePlan, layer: int, select: SelectFn) -> Callable[[TokenView], torch.Tensor]:
+    """Wrap a selector so the plan records which original visual tokens it kept (see module doc).
+
+    `select(view)` returns the kept view positions, or (positions, scores).  The plan of one sample
+    is used by exactly one engine run, so the ordinals of the live visual tokens are tracked in
+    `plan.info["alive"]` across stages (the engine keeps tokens in sequence order).
+    """
+    kept_info = plan.info.setdefault("kept", {})
+    score_info = plan.info.setdefault("scores", {})
+
+    def selector(view: TokenView) -> torch.Tensor:
+        out = select(view)
+        positions, scores = out if isinstance(out, tuple) else (out, None)
+        positions = torch.as_tensor(positions, dtype=torch.long).flatten().to(view.visual_index.device)
+        alive = plan.info.get("alive")
+        if alive is None:
+            alive = torch.arange(view.num_visual_input, dtype=torch.long)
+        if alive.numel() != view.visual_index.numel():
+            raise RuntimeError(
+                f"layer {layer}: the view has {view.visual_index.numel()} live visual tokens but the plan "
+                f"tracked {alive.numel()} (was this plan reused across runs?)"
+            )
+        slots = torch.searchsorted(view.visual_index, positions)
+        slots = slots.clamp(max=max(0, view.visual_index.numel() - 1))
+        if positions.numel() and not bool((view.visual_index[slots] == positions).all()):
+            raise RuntimeError(f"layer {layer}: a selector returned positions that are not live visual tokens")
+        survivors = alive[slots.cpu()]
+        plan.info["alive"] = survivors
+        kept_info[layer] = survivors.clone()
+        if scores is not None:
+            score_info[layer] = scores.detach().float().cpu()
+        return positions
+
+    return selector
+
+
+class Method(abc.ABC):
+    """A visual-token pruning method: retention ratio + options -> a `PrunePlan` per sample.
+
+    Subclasses set `name`, `defaults` (every option they accept, with its default) and implement
+    `plan` and `visual_tokens_per_layer`.  Unknown options are an InputError, so a typo in a
+    config never silently falls back to a default.
+    """
+
+    name: ClassVar[str] = "base"
+    defaults: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, retention: float = 1.0, **options: Any):
+        self.retention = check_retention(retention)
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise InputError(f"method {self.name!r}: unknown option(s) {', '.join(unknown)} (known: {known})")
+        self.options: dict[str, Any] = {**self.defaults, **options}
+
+    # --- what every method implements -------------------------------------------------------
+    @abc.abstractmethod
+    def plan(self, vlm: VLM, prompt: VisualPrompt) -> PrunePlan:
+        """The per-sample prune plan (selectors keyed by layer)."""
+
+    @abc.abstractmethod
+    def visual_tokens_per_layer(self, n_visual: int, num_layers: int) -> list[int]:
+        """Visual tokens each decoder layer processes for an input with n_visual visual tokens."""
+
+    # --- shared ------------------------------------------------------------------------------
+    def keep_count(self, n_visual: int, ratio: float | None = None) -> int:
+        return keep_count(self.retention if ratio is None else ratio, n_visual)
+
+    def layer_avg_retention(self, n_visual: int, num_layers: int) -> float:
+        counts = self.visual_tokens_per_layer(n_visual, num_layers)
+        return sum(counts) / (len(counts) * n_visual) if n_visual else 1.0
+
+    def overhead_flops(self, dims: Mapping[str, Any], n_visual: int) -> dict[str, float]:
+        """Extra FLOPs the method spends outside the decoder layers (paper App. C counts only ours')."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """What a results JSON records about the method."""
+        return {"name": self.name, "retention": self.retention, "options": dict(self.options)}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{type(self).__name__}(retention={self.retention}{', ' + opts if opts else ''})"
+
+    @staticmethod
+    def _check_layer(layer: Any, num_layers: int, what: str, minimum: int = 0) -> int:
+        try:
+            value = int(layer)
+        except (TypeError, ValueError):
+            raise InputError(f"{what} must be an integer layer index, got {layer!r}") from None
+        if not minimum <= value < num_layers:
+            raise InputError(f"{what}={value} is outside {minimum}..{num_layers - 1} for a {num_layers}-layer model")
+        return value

@@ -1,0 +1,104 @@
+"""DART (Wen et al., 2025: "Stop looking for important tokens ... duplication matters more").
+
+Official code: ZichenWen1/DART; read through its vendored Qwen2-VL copy in Chenfei-Liao/VTC-Bench
+(external/DART/Qwen2-VL/.../modeling_qwen2_vl_self.py, `get_retained_image_token`) and
+LightCompress `llmc/compression/token_reduction/dart.py`.  At 0-based layer K (default 2), on the
+outputs of layer K-1 (= the hidden states entering K):
+
+1. pivots by the L1 norm of layer K-1's post-RoPE key states (heads concatenated): the top
+   `pivot_image` visual tokens, and the top `pivot_text` tokens *after* the visual span
+   (question + template tokens);
+2. h = decoder.norm(hidden) — the LLM's final RMSNorm applied to the intermediate states, as the
+   original does;
+3. TOKEN_TOPK = int(N_v * r / (pivot_image + pivot_text)); for each pivot in turn the TOKEN_TOPK
+   candidates least cosine-similar to it are kept and leave the candidate pool (greedy, no double
+   count); candidates are the visual tokens that are not image pivots;
+4. kept = image pivots + everything selected; the text pivots only guide the selection (text
+   tokens are never dropped).
+
+Budget: the kept count is pivot_image + (pivot_image + pivot_text) * TOKEN_TOPK (capped at N_v),
+which differs from round(r * N_v) by at most pivot_image tokens: up to +pivot_image when
+r * N_v is a multiple of the pivot count, and up to pivot_text - 1 fewer otherwise (documented
+budget excess; `expected_keep` states it exactly and the tests assert it).
+
+Deviations: pivots are visited in ascending position order (the original iterates a Python set,
+whose order is a CPython implementation detail); key L1 norms are taken over the kv heads without
+`repeat_kv` (repeating multiplies every norm by the same group size, so the ranking is identical);
+fewer than pivot_text text tokens after the span use all of them.  Positions keep their original
+(gapped) values, as in the original.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from explain_prune.engine.plan import PrunePlan, TokenView
+from explain_prune.methods.base import Method, tracked
+from explain_prune.models.base import InputError, VisualPrompt, VLM
+
+
+class DART(Method):
+    name = "dart"
+    defaults = {"layer": 2, "pivot_image": 4, "pivot_text": 4}
+
+    def __init__(self, retention: float = 1.0, **options: Any):
+        super().__init__(retention, **options)
+        self.layer = int(self.options["layer"])
+        self.pivot_image = int(self.options["pivot_image"])
+        self.pivot_text = int(self.options["pivot_text"])
+        if self.layer < 1:
+            raise InputError(f"dart: layer must be >= 1 (it reads layer K-1's keys), got {self.layer}")
+        if self.pivot_image < 1 or self.pivot_text < 0:
+            raise InputError(f"dart: need pivot_image >= 1 and pivot_text >= 0, got {self.pivot_image}, {self.pivot_text}")
+
+    def token_topk(self, n_visual: int) -> int:
+        return int(n_visual * self.retention / (self.pivot_image + self.pivot_text))
+
+    def expected_keep(self, n_visual: int, n_text_after: int | None = None) -> int:
+        """Visual tokens DART keeps for N_v = n_visual (n_text_after: tokens after the visual span,
+        None = at least pivot_text)."""
+        n_visual = int(n_visual)
+        image_pivots = min(self.pivot_image, n_visual)
+        text_pivots = self.pivot_text if n_text_after is None else min(self.pivot_text, int(n_text_after))
+        picks = (image_pivots + text_pivots) * self.token_topk(n_visual)
+        return image_pivots + min(picks, n_visual - image_pivots)
+
+    def select(self, view: TokenView, key_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = view.visual_index
+        keys = view.keys(layer=key_layer)  # [KVH, n, hd], layer K-1 on the hidden states entering it
+        norms = keys.float().abs().sum(dim=(0, 2))  # L1 norm of each token's concatenated key vector
+        after = torch.arange(int(visual.max()) + 1, view.length, device=visual.device)
+
+        order = torch.argsort(-norms[visual], stable=True)
+        image_pivots = visual[order[: min(self.pivot_image, visual.numel())]]
+        text_order = torch.argsort(-norms[after], stable=True)
+        text_pivots = after[text_order[: min(self.pivot_text, after.numel())]]
+
+        states = view.decoder.norm(view.hidden).float()
+        topk = self.token_topk(visual.numel())
+        kept = [image_pivots]
+        pool = visual[~torch.isin(visual, image_pivots)]
+        for pivot in torch.cat([image_pivots, text_pivots]).sort().values:
+            if topk == 0 or pool.numel() == 0:
+                break
+            similarity = F.cosine_similarity(states[pivot][None], states[pool], dim=-1)
+            chosen = torch.argsort(similarity, stable=True)[: min(topk, pool.numel())]  # least similar first
+            kept.append(pool[chosen])
+            remaining = torch.ones(pool.numel(), dtype=torch.bool, device=pool.device)
+            remaining[chosen] = False
+            pool = pool[remaining]
+        kept_positions = torch.cat(kept).sort().values
+        return kept_positions, norms[visual]
+
+    def plan(self, vlm: VLM, prompt: VisualPrompt) -> PrunePlan:
+        k_layer = self._check_layer(self.layer, vlm.decoder.num_layers, "dart layer", minimum=1)
+        plan = PrunePlan(info={"method": self.name})
+        plan.selectors[k_layer] = tracked(plan, k_layer, lambda view: self.select(view, k_layer - 1))
+        return plan
+
+    def visual_tokens_per_layer(self, n_visual: int, num_layers: int) -> list[int]:
+        k_layer = self._check_layer(self.layer, num_layers, "dart layer", minimum=1)
+        return [int(n_visual)] * k_layer + [self.expected_keep(n_visual)] * (int(num_layers) - k_layer)

@@ -1,0 +1,43 @@
+"""Random input-stage pruning: keep k = round(r * N_v) visual tokens drawn uniformly, before layer 0.
+
+The draw is seeded by (seed, sample id) through a stable hash, so a sample keeps the same tokens in
+every run, process and batch composition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from explain_prune.engine.plan import PrunePlan, TokenView
+from explain_prune.methods.base import Method, tracked
+from explain_prune.models.base import VisualPrompt, VLM
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    """A 63-bit seed from (seed, sample id) that does not depend on PYTHONHASHSEED."""
+    digest = hashlib.sha256(f"{int(seed)}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class RandomKeep(Method):
+    name = "random"
+    defaults = {"seed": 0}
+
+    def plan(self, vlm: VLM, prompt: VisualPrompt) -> PrunePlan:
+        plan = PrunePlan(info={"method": self.name})
+        seed = sample_seed(int(self.options["seed"]), prompt.sample_id)
+
+        def select(view: TokenView) -> torch.Tensor:
+            generator = torch.Generator().manual_seed(seed)
+            order = torch.randperm(view.visual_index.numel(), generator=generator)
+            chosen = order[: view.budget(self.retention)].sort().values
+            return view.visual_index[chosen.to(view.visual_index.device)]
+
+        plan.selectors[0] = tracked(plan, 0, select)
+        return plan
+
+    def visual_tokens_per_layer(self, n_visual: int, num_layers: int) -> list[int]:
+        return [self.keep_count(n_visual)] * int(num_layers)

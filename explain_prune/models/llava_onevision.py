@@ -1,0 +1,451 @@
+"""LLaVA-OneVision adapter: SigLIP + Qwen2, anyres images, 2x2-pooled video frames, 1-D RoPE.
+
+No `LlavaOnevisionProcessor` is used: its constructor type-checks a video processor that needs
+torchvision.  Everything it does is done here, following transformers'
+`processing_llava_onevision.py` / `modeling_llava_onevision.py`:
+
+* the prompt is the checkpoint's chat template (the llava-hf one, pinned below, when the
+  checkpoint has none): "<|im_start|>user\\n<image>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n";
+* each `<image>` / `<video>` is expanded in the text to one placeholder per visual token, with the
+  processor's count (anyres grid, unpadding, `anyres_max_N` downscaling, newline tokens), then the
+  text is tokenised;
+* images go through `LlavaOnevisionImageProcessorPil` (base thumbnail + anyres crops);
+* video frames are resized straight to the vision tower's size and normalised like
+  `LlavaOnevisionVideoProcessor` does, but with PIL bicubic resampling (the Pil backend; the
+  original LLaVA-OneVision code also resizes frames with the PIL-based SigLIP processor) instead of
+  torchvision's, so pixel values can differ from the torchvision video processor in the last bits.
+
+Visual token layout (the order of `visual_index`), recorded per segment in
+`prompt.meta["visual_segments"]`:
+
+* one image (anyres): the base thumbnail's p x p patch grid (p = image_size // patch_size, 27 for
+  the 7B model), then the high-resolution crop map of `rows` x `cols` tokens (unpadded to the
+  image's aspect ratio and bilinearly downscaled under `anyres_max_N`), row-major, with one
+  `image_newline` token closing every row (rows x (cols + 1) tokens);
+* several images (LLaVA-OneVision's multi-image mode, as the HF model runs it for a multi-image
+  prompt): per image its p x p base grid (padded to a square, no crops) and one newline token;
+* a video: T frames of ceil(p/2) x ceil(p/2) pooled tokens (14 x 14 for the 7B model), then one
+  newline token for the whole video.
+
+`visual_grid` = (t, h, w) is the main spatial grid: (1, rows, cols) of the crop map for one image,
+(n_images, p, p) for several images, (T, ceil(p/2), ceil(p/2)) for a video.  Unlike Qwen2-VL,
+t*h*w is smaller than the number of visual tokens (the base thumbnail and the newline tokens are
+outside the grid); the segments above give the exact position of every visual token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+from transformers.image_processing_utils import select_best_resolution
+from transformers.image_utils import SizeDict
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
+from transformers.utils import cached_file
+
+from explain_prune.data.video import read_frames
+from explain_prune.models.base import (
+    DecoderParts,
+    InputError,
+    Sample,
+    VisualPrompt,
+    VLM,
+    instruction_positions,
+)
+from explain_prune.models.qwen2vl import load_image, torch_dtype
+from explain_prune.models.tiny import build_tokenizer
+
+# chat_template.json of llava-hf/llava-onevision-qwen2-{0.5b,7b,72b}-{si,ov}-hf (no default system
+# turn).  Used for the tiny model and for checkpoints that ship no template.
+LLAVA_OV_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>\\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
+EOS_TOKEN = "<|im_end|>"
+QUESTION_SENTINEL = "\x00question\x00"  # rendered in place of the question to locate it in the prompt text
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # the llava-hf checkpoints' image_mean / image_std
+
+
+def tiny_llava_ov_config(tiny: Mapping[str, Any], tokenizer: Any, attn_implementation: str) -> LlavaOnevisionConfig:
+    """SigLIP (no head) + Qwen2 at toy sizes; the anyres pinpoints are multiples of the tower size."""
+    ids = tokenizer.convert_tokens_to_ids
+    vision = tiny.get("vision", {})
+    init_range = float(tiny.get("initializer_range", 0.02))
+    return LlavaOnevisionConfig(
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=len(tokenizer),
+            hidden_size=int(tiny["hidden_size"]),
+            intermediate_size=int(tiny["intermediate_size"]),
+            num_hidden_layers=int(tiny["num_layers"]),
+            num_attention_heads=int(tiny["num_heads"]),
+            num_key_value_heads=int(tiny["num_kv_heads"]),
+            initializer_range=init_range,
+            bos_token_id=None,
+            eos_token_id=ids(EOS_TOKEN),
+            pad_token_id=ids("<|endoftext|>"),
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=int(vision.get("hidden_size", 32)),
+            intermediate_size=int(vision.get("intermediate_size", 64)),
+            num_hidden_layers=int(vision.get("num_layers", 2)),
+            num_attention_heads=int(vision.get("num_heads", 4)),
+            image_size=int(vision.get("image_size", 56)),
+            patch_size=int(vision.get("patch_size", 14)),
+            vision_use_head=False,
+        ),
+        image_token_index=ids(IMAGE_TOKEN),
+        video_token_index=ids(VIDEO_TOKEN),
+        image_grid_pinpoints=[list(map(int, p)) for p in tiny["image_grid_pinpoints"]],
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        attn_implementation=attn_implementation,
+    )
+
+
+def anyres_grid(
+    image_size: tuple[int, int],
+    grid_pinpoints: list[list[int]],
+    tile: int,
+    patches: int,
+    vision_aspect_ratio: str,
+) -> tuple[int, int]:
+    """(rows, cols) of the high-resolution crop feature map of one (H, W) image, newline excluded.
+
+    The processor's `_get_number_of_features` / `_get_unpadded_features` arithmetic: the best
+    pinpoint gives scale_h x scale_w tiles of `patches` x `patches` features, the map is unpadded to
+    the image's aspect ratio, and shrunk by `ratio` when it exceeds anyres_max_N tiles by > 10 %.
+    """
+    orig_h, orig_w = image_size
+    best_h, best_w = select_best_resolution([orig_h, orig_w], grid_pinpoints)
+    cur_h, cur_w = patches * (best_h // tile), patches * (best_w // tile)
+    if orig_w / orig_h > cur_w / cur_h:
+        new_h = int(round(orig_h * (cur_w / orig_w), 7))
+        cur_h -= ((cur_h - new_h) // 2) * 2
+    else:
+        new_w = int(round(orig_w * (cur_h / orig_h), 7))
+        cur_w -= ((cur_w - new_w) // 2) * 2
+    max_tiles = int(vision_aspect_ratio.strip("anyres_max_"))
+    ratio = math.sqrt(cur_h * cur_w / (max_tiles * patches**2))
+    if ratio > 1.1:
+        cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
+    return cur_h, cur_w
+
+
+def checkpoint_chat_template(path: str) -> str | None:
+    """The chat template shipped with a checkpoint (chat_template.jinja or chat_template.json)."""
+    kw = dict(_raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    jinja = cached_file(path, "chat_template.jinja", **kw)
+    if jinja:
+        return Path(jinja).read_text()
+    js = cached_file(path, "chat_template.json", **kw)
+    if js:
+        return json.loads(Path(js).read_text()).get("chat_template")
+    return None
+
+
+def checkpoint_video_settings(path: str) -> dict[str, Any]:
+    """size / mean / std / resample / rescale_factor from the checkpoint's video_preprocessor_config.json."""
+    kw = dict(_raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    js = cached_file(path, "video_preprocessor_config.json", **kw)
+    if not js:
+        return {}
+    raw = json.loads(Path(js).read_text())
+    keys = ("size", "image_mean", "image_std", "resample", "rescale_factor")
+    return {k: raw[k] for k in keys if k in raw}
+
+
+class LlavaOneVision(VLM):
+    family = "llava_onevision"
+
+    def __init__(
+        self,
+        name: str,
+        model: LlavaOnevisionForConditionalGeneration,
+        tokenizer: Any,
+        image_processor: LlavaOnevisionImageProcessorPil,
+        num_frames: int,
+        frame_sampling: str,
+        chat_template: str,
+        video_settings: Mapping[str, Any] | None = None,
+        system_prompt: str | None = None,
+    ):
+        super().__init__(name)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.num_frames = int(num_frames)
+        self.frame_sampling = frame_sampling
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt or None
+        cfg = model.config
+        if cfg.vision_feature_select_strategy != "full":
+            raise InputError(
+                f"model {name}: vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} is not supported "
+                "(SigLIP has no CLS token; the llava-hf checkpoints use 'full')"
+            )
+        self.image_token_id = int(cfg.image_token_id)
+        self.video_token_id = int(cfg.video_token_id)
+        self.tile = int(cfg.vision_config.image_size)
+        self.patches = self.tile // int(cfg.vision_config.patch_size)  # p: base grid side
+        self.pooled = math.ceil(self.patches / 2)  # video grid side after 2x2 bilinear pooling
+        proc_size = image_processor.size
+        if (proc_size.height, proc_size.width) != (self.tile, self.tile):
+            raise InputError(
+                f"model {name}: image processor size {proc_size.height}x{proc_size.width} != vision tower size {self.tile}"
+            )
+        video = dict(video_settings or {})
+        size = video.get("size") or {"height": self.tile, "width": self.tile}
+        self.video_size = SizeDict(height=int(size["height"]), width=int(size["width"]))
+        self.video_mean = tuple(video.get("image_mean", image_processor.image_mean))
+        self.video_std = tuple(video.get("image_std", image_processor.image_std))
+        self.video_resample = video.get("resample", image_processor.resample)
+        self.video_rescale = float(video.get("rescale_factor", image_processor.rescale_factor))
+
+    # --- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], modality: Mapping[str, Any] | None = None) -> "LlavaOneVision":
+        name = str(cfg.get("name", "llava_onevision"))
+        if cfg.get("trust_remote_code"):
+            raise InputError(f"model {name}: trust_remote_code is not supported (LLaVA-OneVision is native to transformers)")
+        dtype = torch_dtype(cfg.get("dtype", "float32"))
+        attn = cfg.get("attn_implementation", "sdpa")
+        image_cfg, video_cfg = cfg.get("image") or {}, cfg.get("video") or {}
+        video_settings: dict[str, Any] = {}
+        if cfg.get("pretrained"):
+            path = str(cfg["pretrained"])
+            if path.startswith((".", "/")) and not Path(path).is_dir():
+                raise InputError(f"model {name}: checkpoint directory not found: {path}")
+            try:
+                model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+                    path, dtype=dtype, attn_implementation=attn
+                )
+                tokenizer = AutoTokenizer.from_pretrained(path)
+                image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(path)
+            except OSError as err:
+                raise InputError(f"model {name}: cannot load {path!r}: {str(err).splitlines()[0]}") from None
+            chat_template = tokenizer.chat_template or checkpoint_chat_template(path) or LLAVA_OV_CHAT_TEMPLATE
+            video_settings = checkpoint_video_settings(path)
+        else:
+            tiny = cfg["tiny"]
+            tokenizer = build_tokenizer()
+            tokenizer.chat_template = LLAVA_OV_CHAT_TEMPLATE
+            torch.manual_seed(int(tiny.get("seed", 0)))
+            model = LlavaOnevisionForConditionalGeneration(tiny_llava_ov_config(tiny, tokenizer, attn)).to(dtype)
+            tile = int(model.config.vision_config.image_size)
+            image_processor = LlavaOnevisionImageProcessorPil(
+                size={"height": tile, "width": tile},
+                image_grid_pinpoints=model.config.image_grid_pinpoints,
+                image_mean=list(SIGLIP_MEAN),
+                image_std=list(SIGLIP_STD),
+            )
+            chat_template = LLAVA_OV_CHAT_TEMPLATE
+        if image_cfg.get("vision_aspect_ratio"):
+            model.config.vision_aspect_ratio = str(image_cfg["vision_aspect_ratio"])
+        # the processor must tile with the model's pinpoints, whatever the preprocessor file said
+        image_processor.image_grid_pinpoints = model.config.image_grid_pinpoints
+        eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+        model.generation_config.eos_token_id = eos
+        model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        modality = modality or {}
+        return cls(
+            name=name,
+            model=model,
+            tokenizer=tokenizer,
+            image_processor=image_processor,
+            num_frames=int(modality.get("num_frames") or video_cfg.get("num_frames", 8)),
+            frame_sampling=str(modality.get("sampling") or video_cfg.get("sampling", "linspace")),
+            chat_template=chat_template,
+            video_settings=video_settings,
+            system_prompt=cfg.get("system_prompt"),
+        )
+
+    # --- prompt and pixels --------------------------------------------------------------------
+    def prompt_text(self, question: str, num_images: int = 0, video: bool = False) -> str:
+        """The chat-template text of one user turn (visual placeholders unexpanded), ending at the answer."""
+        content = [{"type": "image"}] * num_images + ([{"type": "video"}] if video else [])
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        )
+
+    @property
+    def vision_aspect_ratio(self) -> str:
+        return str(self.model.config.vision_aspect_ratio)
+
+    def image_segments(self, image_sizes: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        """Visual-token segments of the images (see the module docstring), in prompt order."""
+        p, segments, start = self.patches, [], 0
+        multi = len(image_sizes) > 1
+        for i, size in enumerate(image_sizes):
+            if multi:
+                segments.append(dict(kind="base", image=i, start=start, t=1, rows=p, cols=p, newline="end"))
+                start += p * p + 1
+                continue
+            rows, cols = anyres_grid(
+                size, self.model.config.image_grid_pinpoints, self.tile, p, self.vision_aspect_ratio
+            )
+            segments.append(dict(kind="base", image=i, start=start, t=1, rows=p, cols=p, newline=None))
+            start += p * p
+            segments.append(dict(kind="crops", image=i, start=start, t=1, rows=rows, cols=cols, newline="row"))
+            start += rows * (cols + 1)
+        return segments
+
+    def video_segments(self, num_frames: int) -> list[dict[str, Any]]:
+        q = self.pooled
+        return [dict(kind="frames", image=None, start=0, t=num_frames, rows=q, cols=q, newline="end")]
+
+    @staticmethod
+    def segment_tokens(segment: Mapping[str, Any]) -> int:
+        grid = segment["t"] * segment["rows"] * segment["cols"]
+        if segment["newline"] == "row":
+            return grid + segment["t"] * segment["rows"]
+        return grid + (1 if segment["newline"] == "end" else 0)
+
+    def image_pixels(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """pixel_values [1 or n, patches, C, S, S], image_sizes [n, 2] (H, W), batch_num_images [1].
+
+        The images of one sample are passed as one nested list, as the HF processor does for a
+        chat-template prompt: one image -> anyres crops, several -> LLaVA-OneVision multi-image mode.
+        """
+        out = self.image_processor(images=images, return_tensors="pt")
+        return {k: out[k] for k in ("pixel_values", "image_sizes", "batch_num_images")}
+
+    def video_pixels(self, frames: list[Image.Image]) -> torch.Tensor:
+        """Frames -> pixel_values_videos [1, T, C, H, W]: resize to the tower size, rescale, normalise."""
+        proc = self.image_processor
+        arrays = []
+        for frame in frames:
+            arr = np.asarray(frame.convert("RGB")).transpose(2, 0, 1)
+            arr = proc.resize(arr, size=self.video_size, resample=self.video_resample)
+            arr = proc.normalize(proc.rescale(arr, self.video_rescale), self.video_mean, self.video_std)
+            arrays.append(np.asarray(arr, dtype=np.float32))
+        return torch.from_numpy(np.stack(arrays))[None]
+
+    # --- the contract -----------------------------------------------------------------------------
+    def prepare(self, sample: Sample) -> VisualPrompt:
+        question = (sample.question or "").strip()
+        if not question:
+            raise InputError(f"sample {sample.id!r}: empty question")
+        for token in (IMAGE_TOKEN, VIDEO_TOKEN):
+            if token in question:
+                raise InputError(f"sample {sample.id!r}: question contains the reserved placeholder {token}")
+        if sample.video is not None and sample.images:
+            raise InputError(f"sample {sample.id!r}: both images and a video given (one visual input per sample)")
+        model = self.model.model
+        device = self.device
+        if sample.video is not None:
+            frames = sample.video
+            if not isinstance(frames, list):
+                frames = read_frames(frames, self.num_frames, sample.meta.get("frame_sampling", self.frame_sampling))
+            if not frames:
+                raise InputError(f"sample {sample.id!r}: video has no frames")
+            frames = [load_image(f) for f in frames]
+            pixels = {"pixel_values_videos": self.video_pixels(frames)}
+            segments = self.video_segments(len(frames))
+            token, token_id = VIDEO_TOKEN, self.video_token_id
+            text = self.prompt_text(QUESTION_SENTINEL, video=True)
+            spans = [sum(self.segment_tokens(s) for s in segments)]
+            grid = (len(frames), self.pooled, self.pooled)
+        elif sample.images:
+            images = [load_image(img) for img in sample.images]
+            pixels = self.image_pixels(images)
+            sizes = [tuple(int(v) for v in hw) for hw in pixels["image_sizes"].tolist()]
+            segments = self.image_segments(sizes)
+            token, token_id = IMAGE_TOKEN, self.image_token_id
+            text = self.prompt_text(QUESTION_SENTINEL, num_images=len(images))
+            spans = [sum(self.segment_tokens(s) for s in segments if s["image"] == i) for i in range(len(images))]
+            crops = [s for s in segments if s["kind"] == "crops"]
+            grid = (1, crops[0]["rows"], crops[0]["cols"]) if crops else (len(images), self.patches, self.patches)
+        else:
+            raise InputError(f"sample {sample.id!r}: no image or video (LLaVA-OneVision needs a visual input)")
+
+        # expand each placeholder in the text, as the processor's get_text_with_replacements does
+        pieces = text.split(token)
+        if len(pieces) != len(spans) + 1:
+            raise InputError(f"sample {sample.id!r}: chat template produced {len(pieces) - 1} {token} for {len(spans)} inputs")
+        expanded = pieces[0] + "".join(token * n + rest for n, rest in zip(spans, pieces[1:]))
+        q_start = expanded.index(QUESTION_SENTINEL)  # where the template put the question
+        q_end = q_start + len(question)
+        expanded = expanded.replace(QUESTION_SENTINEL, question)
+        enc = self.tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = torch.tensor([enc["input_ids"]], device=device)
+        offsets = enc["offset_mapping"]
+        visual_mask = input_ids[0] == token_id
+        num_visual = int(visual_mask.sum())
+        attention_mask = torch.ones_like(input_ids)
+
+        with torch.no_grad():
+            embeds = self.decoder.embed_tokens(input_ids)
+            if token == VIDEO_TOKEN:
+                out = model.get_video_features(pixels["pixel_values_videos"].to(device=device, dtype=self.dtype))
+                feats = out.pooler_output.flatten(0, 1)
+                feature_lens = [int(feats.shape[0])]
+            else:
+                out = model.get_image_features(
+                    pixels["pixel_values"].to(device=device, dtype=self.dtype),
+                    pixels["image_sizes"].to(device),
+                    batch_num_images=pixels["batch_num_images"].to(device),
+                )
+                feature_lens = [int(f.shape[0]) for f in out.pooler_output]
+                feats = torch.cat(out.pooler_output)
+            if feature_lens != spans or num_visual != sum(spans):
+                raise InputError(
+                    f"sample {sample.id!r}: visual features {feature_lens} do not match placeholders {spans} "
+                    f"(image sizes {pixels.get('image_sizes', torch.empty(0)).tolist()})"
+                )
+            mask = visual_mask.view(1, -1, 1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
+        position_ids = torch.arange(input_ids.shape[1], device=device).unsqueeze(0)
+        visual_index = visual_mask.nonzero().squeeze(-1).cpu()
+
+        # the question's tokens, from character offsets: template tokens between the visual span and
+        # the question (the "\n" after <image>) are skipped, the assistant-opening suffix is excluded
+        in_question = [i for i, (a, b) in enumerate(offsets) if b > a and a >= q_start and b <= q_end]
+        if not in_question:
+            raise InputError(f"sample {sample.id!r}: question produced no tokens")
+        skip = in_question[0] - (int(visual_index.max()) + 1)
+        suffix_len = input_ids.shape[1] - (in_question[-1] + 1)
+        return VisualPrompt(
+            inputs_embeds=embeds,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            input_ids=input_ids,
+            visual_index=visual_index,
+            instruction_index=instruction_positions(input_ids, visual_index, suffix_len, skip=skip),
+            visual_grid=grid,
+            sample_id=sample.id,
+            meta={**pixels, "visual_segments": segments, "modality": sample.modality},
+        )
+
+    @property
+    def decoder(self) -> DecoderParts:
+        lm = self.model.model.language_model
+        return DecoderParts(
+            embed_tokens=lm.embed_tokens,
+            layers=lm.layers,
+            norm=lm.norm,
+            lm_head=self.model.lm_head,
+            rotary_emb=lm.rotary_emb,
+            config=lm.config,
+        )

@@ -1,0 +1,251 @@
+"""The OpenAI-compatible judge against a real HTTP server on 127.0.0.1 started by the test."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from explain_prune.benchmarks import BENCHMARKS, FakeJudge, OpenAICompatibleJudge, Record, build_judge
+from explain_prune.models.base import InputError
+
+SECRET = "sk-test-DO-NOT-LEAK-5c1f0e"
+KEY_ENV = "EXPLAIN_PRUNE_TEST_JUDGE_KEY"
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    """Speaks POST /v1/chat/completions; each request takes the next behaviour from the server's
+    script (default "ok")."""
+
+    timeout = 5  # an idle connection cannot hold a handler thread for long
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout test)
+
+    def do_POST(self):
+        srv = self.server
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        with srv.lock:
+            srv.seen.append({"path": self.path, "headers": dict(self.headers), "body": body})
+            action = srv.script.pop(0) if srv.script else "ok"
+        if self.path != "/v1/chat/completions":
+            return self._send(404, b'{"error": "not found"}')
+        if action == "sleep":  # longer than the client's timeout; wakes early when the test ends
+            srv.stop.wait(2.0)
+            action = "ok"
+        if action == "ok":
+            content = srv.reply_fn(body["messages"][0]["content"], body.get("temperature"))
+            message = {"role": "assistant", "content": content}
+            payload = {"id": "x", "model": body["model"], "choices": [{"index": 0, "message": message}]}
+            return self._send(200, json.dumps(payload).encode())
+        if action == "malformed":
+            return self._send(200, b"<html>upstream proxy error</html>", "text/html")
+        if action == "no_choices":
+            return self._send(200, b'{"object": "chat.completion", "choices": []}')
+        if action == "500":
+            return self._send(500, b'{"error": "overloaded"}')
+        if action == "401":  # some servers echo the key they were sent
+            auth = self.headers.get("Authorization", "")
+            return self._send(401, json.dumps({"error": f"Incorrect API key provided: {auth}"}).encode())
+        raise AssertionError(f"unknown action {action}")
+
+
+def default_reply(prompt: str, temperature) -> str:
+    """Deterministic grade in [0, 1] from the prompt, so it parses as an MM-Vet score."""
+    return f"{int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 11 / 10:.1f}"
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), ChatHandler)
+    srv.daemon_threads = True
+    srv.lock = threading.Lock()
+    srv.seen, srv.script, srv.stop = [], [], threading.Event()
+    srv.reply_fn = default_reply
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    guard = threading.Timer(60.0, srv.shutdown)  # bound: the server stops itself if a test hangs
+    guard.daemon = True
+    guard.start()
+    try:
+        yield srv
+    finally:
+        guard.cancel()
+        srv.stop.set()
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+def make_judge(srv, tmp_path=None, **kw) -> OpenAICompatibleJudge:
+    opts = dict(base_url=srv.url, model="judge-x", api_key_env=KEY_ENV, timeout=2.0, max_retries=2, backoff=0.01)
+    if tmp_path is not None:
+        opts["cache_dir"] = tmp_path / "judge_cache"
+    opts.update(kw)
+    return OpenAICompatibleJudge(**opts)
+
+
+def test_success_request_shape(server):
+    judge = make_judge(server)
+    reply = judge.complete("grade this", temperature=0.5, max_tokens=3)
+    assert reply.ok and reply.text == default_reply("grade this", 0.5) and reply.attempts == 1
+    (req,) = server.seen
+    assert req["path"] == "/v1/chat/completions"
+    assert req["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert req["body"] == {"model": "judge-x", "messages": [{"role": "user", "content": "grade this"}],
+                           "temperature": 0.5, "max_tokens": 3}
+    # a full ".../chat/completions" URL is used as is; no key env -> no Authorization header
+    judge2 = make_judge(server, base_url=server.url + "/chat/completions", api_key_env=None)
+    assert judge2.complete("x").ok
+    assert server.seen[-1]["path"] == "/v1/chat/completions"
+    assert "Authorization" not in server.seen[-1]["headers"]
+    assert server.seen[-1]["body"]["temperature"] == 0.0 and "max_tokens" not in server.seen[-1]["body"]
+
+
+def test_malformed_reply_is_retried_then_recorded(server):
+    judge = make_judge(server, max_retries=2)
+    server.script = ["malformed", "no_choices", "malformed"]
+    reply = judge.complete("p")
+    assert not reply.ok and reply.text is None and reply.attempts == 3
+    assert "malformed reply" in reply.error
+    assert len(server.seen) == 3
+    server.script = ["malformed"]  # one bad reply, then a good one
+    reply = judge.complete("p")
+    assert reply.ok and reply.attempts == 2 and len(server.seen) == 5
+
+
+def test_timeout_is_retried_then_recorded(server):
+    judge = make_judge(server, timeout=0.3, max_retries=1)
+    server.script = ["sleep", "sleep"]
+    start = time.monotonic()
+    reply = judge.complete("slow")
+    assert not reply.ok and "timeout" in reply.error and reply.attempts == 2
+    assert len(server.seen) == 2 and time.monotonic() - start < 3.0
+    server.script = ["sleep"]  # times out once, the retry succeeds
+    reply = judge.complete("slow")
+    assert reply.ok and reply.attempts == 2
+
+
+def test_http_errors_retry_policy_and_key_redaction(server):
+    judge = make_judge(server, max_retries=2)
+    server.script = ["500", "500"]
+    assert judge.complete("p").ok and len(server.seen) == 3  # 5xx is retried
+    server.script = ["401"]
+    reply = judge.complete("p")
+    assert not reply.ok and reply.attempts == 1 and len(server.seen) == 4  # 401 is not retried
+    assert "HTTP 401" in reply.error and SECRET not in reply.error and "<redacted>" in reply.error
+
+
+def test_mmvet_through_http_cache_makes_rerun_request_free(server, tmp_path):
+    records = lambda: [  # noqa: E731
+        Record(id="1", prediction="a cat", answer="cat", meta={"question": "What animal?", "category": "rec"}),
+        Record(id="2", prediction="x = 3", answer="3<AND>5", meta={"question": "x?", "category": "rec,math"}),
+        Record(id="3", prediction="seven", answer="7<OR>seven", meta={"question": "How many?", "category": "ocr"}),
+    ]
+    bench = BENCHMARKS["mmvet"]()
+    first_records = records()
+    first = bench.score(first_records, judge=make_judge(server, tmp_path))
+    assert len(server.seen) == 3  # one parsable reply per item
+    assert first["judge"]["model"] == "judge-x" and first["judge"]["type"] == "openai_compatible"
+    expected = [float(default_reply(r["body"]["messages"][0]["content"], 0.0)) for r in server.seen]
+    assert [r.meta["judge_score"] for r in first_records] == expected
+    assert first["overall"] == pytest.approx(100 * sum(expected) / 3)
+
+    # rerun with a fresh judge on the same cache, and a server that would now answer differently
+    server.reply_fn = lambda prompt, temperature: "0.0"
+    second_judge = make_judge(server, tmp_path)
+    second_records = records()
+    second = bench.score(second_records, judge=second_judge)
+    assert len(server.seen) == 3  # zero new requests
+    assert second_judge.cache_hits == 3 and second_judge.requests_sent == 0
+    assert second == first
+    assert [r.meta["judge_score"] for r in second_records] == expected
+
+    # the key is in no cache file and not in repr/describe
+    files = sorted((tmp_path / "judge_cache").rglob("*"))
+    entries = [p for p in files if p.is_file()]
+    assert len(entries) == 3 and all(p.suffix == ".json" for p in entries)  # no temp files left
+    for p in entries:
+        text = p.read_text()
+        assert SECRET not in text
+        assert json.loads(text)["model"] == "judge-x"
+    assert SECRET not in repr(second_judge) and "<redacted>" in repr(second_judge)
+    assert SECRET not in json.dumps(second_judge.describe())
+
+
+def test_mmvet_through_http_timeout_is_a_recorded_failure_and_not_cached(server, tmp_path):
+    bench = BENCHMARKS["mmvet"]()
+    recs = [
+        Record(id="1", prediction="a", answer="a", meta={"question": "q1", "category": "rec"}),
+        Record(id="2", prediction="b", answer="b", meta={"question": "q2", "category": "rec"}),
+    ]
+    server.script = ["sleep", "sleep"]  # item 1: both attempts time out; item 2 answers
+    out = bench.score(recs, judge=make_judge(server, tmp_path, timeout=0.3, max_retries=1))
+    assert out["judge_failed"] == 1 and recs[0].meta["judge_score"] == 0.0
+    assert "timeout" in recs[0].meta["judge_log"][-1]
+    assert len(server.seen) == 3
+    # the failure was not cached: a rerun asks again for item 1 only
+    bench.score(recs, judge=make_judge(server, tmp_path))
+    assert len(server.seen) == 4
+    assert server.seen[-1]["body"]["messages"][0]["content"].endswith("\nq1 | a | a | ")
+
+
+def test_cache_key_covers_temperature_and_damaged_entries_are_misses(server, tmp_path):
+    judge = make_judge(server, tmp_path)
+    judge.complete("same prompt", temperature=0.0)
+    judge.complete("same prompt", temperature=0.0)
+    judge.complete("same prompt", temperature=0.5)  # MM-Vet's retry must not hit the first reply
+    assert len(server.seen) == 2
+    entries = (tmp_path / "judge_cache").rglob("*.json")
+    (entry,) = [p for p in entries if json.loads(p.read_text())["temperature"] == 0.0]
+    entry.write_text("{ truncated")
+    assert make_judge(server, tmp_path).complete("same prompt", temperature=0.0).ok
+    assert len(server.seen) == 3 and json.loads(entry.read_text())["reply"]
+
+
+def test_missing_key_env_is_an_input_error(monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(InputError, match=KEY_ENV):
+        OpenAICompatibleJudge(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=KEY_ENV)
+
+
+def test_build_judge_from_configs(monkeypatch, tmp_path):
+    assert build_judge(OmegaConf.load(CONF / "judge" / "none.yaml")) is None
+    assert build_judge(None) is None
+    fake = build_judge(OmegaConf.load(CONF / "judge" / "fake.yaml"))
+    assert isinstance(fake, FakeJudge) and fake.describe()["type"] == "fake"
+    a, b = fake.complete("p"), fake.complete("p")
+    assert a.text == b.text and a.ok  # deterministic
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.setenv("OPENAI_API_BASE", "http://127.0.0.1:9/v1")
+    cfg = OmegaConf.load(CONF / "judge" / "openai_compatible.yaml")
+    cfg.cache_dir = str(tmp_path / "c")
+    judge = build_judge(cfg)
+    assert isinstance(judge, OpenAICompatibleJudge)
+    assert judge.url == "http://127.0.0.1:9/v1/chat/completions" and judge.model == "gpt-4-turbo"
+    assert SECRET not in repr(judge)
+    with pytest.raises(InputError, match="unknown judge"):
+        build_judge({"name": "gpt"})
+    with pytest.raises(InputError, match="unknown judge option"):
+        build_judge({"name": "openai_compatible", "base_url": "http://x", "model": "m", "api_key": SECRET})
