@@ -126,3 +126,71 @@ __all__ = [
     "kv_cache_bytes",
     "layer_averaged_retention",
 ]
+
+
+# --- CLI: python -m explain_prune.flops model=<m> n_visual=<n> method=<name> retention=<r> ---------------
+
+def method_report(dims: Mapping[str, Any], method: Any, n_visual: int, bytes_per_value: int = 2) -> dict[str, Any]:
+    """FLOPs / KV / retention of `method`'s visual-token schedule next to the unpruned model's."""
+    n = int(n_visual)
+    if n <= 0:
+        raise InputError(f"n_visual must be a positive number of visual tokens, got {n_visual}")
+    num_layers = _dim(dims, "num_layers")
+    counts = method.visual_tokens_per_layer(n, num_layers)
+    llm = llm_flops(dims, counts)
+    vanilla = llm_flops(dims, n)
+    overhead = {key: float(value) for key, value in method.overhead_flops(dims, n).items()}
+    total = llm + sum(overhead.values())
+    kv = kv_cache_bytes(dims, counts, bytes_per_value)
+    kv_vanilla = kv_cache_bytes(dims, n, bytes_per_value)
+    report: dict[str, Any] = {
+        **method.describe(),
+        "method": method.name,
+        "n_visual": n,
+        "num_layers": num_layers,
+        "visual_tokens_per_layer": counts,
+        "layer_avg_retention": layer_averaged_retention(counts, n),
+        "flops_T": tera(total),
+        "llm_flops_T": tera(llm),
+        "vanilla_flops_T": tera(vanilla),
+        "flops_ratio": total / vanilla,
+        "kv_cache_bytes": kv,
+        "vanilla_kv_cache_bytes": kv_vanilla,
+        "kv_cache_MiB": kv / 2**20,
+        "vanilla_kv_cache_MiB": kv_vanilla / 2**20,
+        "kv_ratio": kv / kv_vanilla,
+        "bytes_per_value": int(bytes_per_value),
+    }
+    report.pop("name", None)
+    if overhead:
+        report["overhead"] = {
+            **{f"{key}_T": tera(value) for key, value in overhead.items()},
+            **{f"{key}_share_of_vanilla": value / vanilla for key, value in overhead.items()},
+        }
+    return report
+
+
+def _main(cfg: Any) -> None:
+    import json
+
+    from explain_prune.methods import build_from_config
+
+    if cfg.get("n_visual") is None:
+        raise InputError("n_visual is required (visual tokens at the LLM input), e.g. n_visual=1302")
+    if "llm" not in cfg.model:
+        raise InputError(f"model {cfg.model.get('name', '?')!r} has no llm: block with its widths")
+    method = build_from_config(cfg.method, retention=cfg.get("retention"))
+    report = method_report(cfg.model.llm, method, cfg.n_visual, int(cfg.get("bytes_per_value", 2)))
+    print(json.dumps({"model": str(cfg.model.get("name", "?")), **report}, default=str))
+
+
+def main() -> None:
+    import hydra
+
+    from explain_prune.cli import task
+
+    hydra.main(version_base="1.3", config_path="../conf", config_name="flops")(task(_main))()
+
+
+if __name__ == "__main__":
+    main()

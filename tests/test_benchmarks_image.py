@@ -109,6 +109,14 @@ def test_mme_reader_reuse_errors_and_meta(tmp_path):
     assert len(list(build_benchmark("mme", tmp_path, limit=2).load())) == 2
 
 
+def test_mme_pairs_by_source_row_without_image_path(tmp_path):
+    # without an image_path column the pairing key is the row that stores the image bytes
+    rows = [{k: v for k, v in r.items() if k != "image_path"} for r in mme_rows()[:4]]
+    write_tsv(tmp_path / "MME.tsv", rows)
+    samples, _ = split_items(list(build_benchmark("mme", tmp_path).load()))
+    assert [s.meta["image_key"] for s in samples] == ["index:1", "index:1", "index:3", "index:3"]
+
+
 def test_missing_tsv_names_file_and_directory(tmp_path):
     with pytest.raises(InputError) as err:
         list(build_benchmark("mmstar", tmp_path / "nowhere").load())

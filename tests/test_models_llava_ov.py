@@ -178,6 +178,22 @@ def test_visual_tokens_match_placeholders_features_and_layout(vlm):
     assert prompt.instruction_index[0] == prompt.visual_index[-1] + 1  # the word-level tokenizer drops "\n"
 
 
+def test_instruction_index_excludes_template_tokens_around_the_question():
+    """Real Qwen2 BPE keeps the "\n" after <image> as a token; emulate template text on both sides."""
+    vlm = build_vlm(OmegaConf.load(CONFIG))
+    template = LLAVA_OV_CHAT_TEMPLATE.replace("{{ '<image>\\n' }}", "{{ '<image>\\nQuestion : ' }}")
+    template = template.replace(
+        "{{ content['text'] }}{% endfor %}{% else %}", "{{ content['text'] + ' please answer' }}{% endfor %}{% else %}"
+    )
+    assert template.count("Question : ") == 1 and template.count("please answer") == 1
+    vlm.chat_template = template
+    prompt = vlm.prepare(Sample(id="img", question=QUESTION, images=[random_image(40, 40)]))
+    words = vlm.tokenizer.convert_ids_to_tokens(prompt.input_ids[0, prompt.instruction_index])
+    assert " ".join(words) == QUESTION
+    assert int(prompt.instruction_index[0]) == int(prompt.visual_index[-1]) + 3  # after "Question :"
+    assert prompt.length - int(prompt.instruction_index[-1]) - 1 == 5  # please answer <|im_end|> <|im_start|> assistant
+
+
 def test_video_token_count_and_grid(vlm):
     frames = [random_image(48, 64, seed=i) for i in range(3)]
     prompt = vlm.prepare(Sample(id="frames", question="What is this ?", video=frames))

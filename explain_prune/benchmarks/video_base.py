@@ -80,10 +80,6 @@ def percent(hits: float, total: int) -> float:
     return 100.0 * hits / total if total else 0.0
 
 
-def mean(values: Sequence[float]) -> float | None:
-    return float(sum(values) / len(values)) if values else None
-
-
 # --- files ----------------------------------------------------------------------------------------
 
 

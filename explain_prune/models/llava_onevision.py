@@ -328,7 +328,7 @@ class LlavaOneVision(VLM):
         The images of one sample are passed as one nested list, as the HF processor does for a
         chat-template prompt: one image -> anyres crops, several -> LLaVA-OneVision multi-image mode.
         """
-        out = self.image_processor(images=images, return_tensors="pt")
+        out = self.image_processor(images=[images], return_tensors="pt")
         return {k: out[k] for k in ("pixel_values", "image_sizes", "batch_num_images")}
 
     def video_pixels(self, frames: list[Image.Image]) -> torch.Tensor:

@@ -13,6 +13,9 @@ here from `SiglipVisionModel` (vision tower), VILA's `mlp_downsample` projector 
                                 VILA's parameter names layers.{1,2,4}.{weight,bias}
 
 Facts reproduced from the NVlabs/VILA sources (see the module functions for each):
+- VILA1.5-8B was trained with google/siglip-so400m-patch14-384, mm_vision_select_feature
+  "cls_patch", mm_vision_select_layer -2, mm_projector mlp_downsample, image_aspect_ratio "resize"
+  and the llama_3 template (scripts/v1_5/release/8b/1_mm_align.sh, 3_sft.sh).
 - features = vision_tower(pixels, output_hidden_states=True).hidden_states[mm_vision_select_layer]
   (-2 = output of the penultimate encoder layer); "cls_patch" keeps every token, "patch" drops the
   first (llava/model/multimodal_encoder/vision_encoder.py, VisionTower.feature_select).
@@ -509,7 +512,9 @@ class Vila(VLM):
             )
             default_frames = top.get("num_video_frames") or 8
         else:
-            tiny = cfg["tiny"]
+            tiny = cfg.get("tiny")
+            if not tiny:
+                raise InputError(f"model {cfg.get('name')}: pretrained is null and there is no `tiny` config")
             tokenizer = tiny_tokenizer()
             model = build_tiny(tiny, tokenizer, dtype, attn)
             size = int(model.vision_tower.config.image_size)

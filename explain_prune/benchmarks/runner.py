@@ -1,0 +1,196 @@
+"""Run one (model, benchmark, method, retention) evaluation: predictions, score, efficiency record.
+
+Predictions are appended to `predictions.jsonl` as they are produced (one fsynced line per
+sample); a rerun in the same directory skips the ids already there, so a killed job resumes and
+ends with the same results.json as an uninterrupted one (up to the measured seconds).  A sample
+that cannot be read or prepared becomes an error line, counted in the results, never scored —
+or stops the run under strict=true.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from tqdm import tqdm
+
+from explain_prune import flops as flops_lib
+from explain_prune.benchmarks.base import Benchmark, Record, SampleError
+from explain_prune.engine import generate
+from explain_prune.models.base import InputError, Sample, VLM
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions.jsonl"
+RESULTS = "results.json"
+TIMING_FIELDS = ("prefill_seconds", "decode_seconds")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class PredictionLog:
+    """Append-only jsonl of per-sample results; tolerant of a half-written last line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            raw = path.read_bytes()
+            good = raw[: raw.rfind(b"\n") + 1]  # a kill mid-line leaves a partial last line
+            if len(good) != len(raw):
+                log.warning("dropping a partial last line of %s", path)
+                with open(path, "r+b") as fh:
+                    fh.truncate(len(good))
+            for line in good.decode().splitlines():
+                row = json.loads(line)
+                self.rows[row["id"]] = row
+
+    def append(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.rows[row["id"]] = row
+
+
+@dataclass
+class EvalSettings:
+    limit: int | None = None
+    strict: bool = False
+    batch_size: int = 1
+    max_new_tokens: int | None = None  # None: the benchmark's own
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def evaluate(
+    vlm: VLM,
+    benchmark: Benchmark,
+    method: Any,
+    out_dir: str | Path,
+    settings: EvalSettings,
+    llm_dims: Mapping[str, Any],
+    judge: Any = None,
+    run_info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Predict every sample not yet in out_dir/predictions.jsonl, then score all of them."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_file = PredictionLog(out_dir / PREDICTIONS)
+    max_new = settings.max_new_tokens or benchmark.max_new_tokens
+
+    def fail(sample_id: str, reason: str) -> None:
+        if settings.strict:
+            raise InputError(f"sample {sample_id!r}: {reason} (strict=true)")
+        log.warning("sample %r: %s", sample_id, reason)
+        log_file.append({"id": sample_id, "error": reason})
+
+    pending = (s for s in benchmark.load(limit=settings.limit) if s.id not in log_file.rows)
+    for batch in tqdm(_batches(pending, settings.batch_size), desc=f"{benchmark.name}/{getattr(method, 'name', 'vanilla')}", unit="batch"):
+        prompts, samples = [], []
+        for sample in batch:
+            if isinstance(sample, SampleError):
+                fail(sample.id, sample.reason)
+                continue
+            try:
+                prompts.append(vlm.prepare(sample))
+                samples.append(sample)
+            except InputError as err:
+                fail(sample.id, str(err))
+        if not prompts:
+            continue
+        generations = generate(vlm, prompts, method, max_new_tokens=max_new)
+        for sample, gen in zip(samples, generations):
+            record = {
+                "id": sample.id,
+                "prediction": gen.text,
+                "answer": sample.answer,
+                "extracted": benchmark.extract(gen.text, sample.meta),
+                "meta": _jsonable(sample.meta),
+                "num_visual": gen.num_visual,
+                "kept_per_layer": gen.kept_per_layer,
+                "flops": flops_lib.llm_flops(llm_dims, gen.kept_per_layer),
+                "kv_cache_bytes": gen.kv_cache_bytes,
+                # the engine times whole batches; a sample's share is the batch time / batch size
+                "prefill_seconds": gen.prefill_seconds / len(generations),
+                "decode_seconds": gen.decode_seconds / len(generations),
+            }
+            log_file.append(_jsonable(record))
+    return finalize(benchmark, method, out_dir, log_file, llm_dims, judge, run_info)
+
+
+def finalize(
+    benchmark: Benchmark,
+    method: Any,
+    out_dir: Path,
+    log_file: PredictionLog,
+    llm_dims: Mapping[str, Any],
+    judge: Any,
+    run_info: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    rows = sorted(log_file.rows.values(), key=lambda r: r["id"])
+    scored = [r for r in rows if "error" not in r]
+    errors = Counter(r["error"].split(":")[0][:80] for r in rows if "error" in r)
+    records = [Record(r["id"], r["prediction"], r["answer"], r["extracted"], r["meta"]) for r in scored]
+    score = benchmark.score(records, judge=judge) if records else {"overall": None}
+    n = len(scored)
+
+    def mean(key: str) -> float:
+        return sum(float(r[key]) for r in scored) / n if n else 0.0
+
+    num_layers = len(scored[0]["kept_per_layer"]) if scored else 0
+    kept_mean = [sum(r["kept_per_layer"][i] for r in scored) / n for i in range(num_layers)]
+    visual_mean = mean("num_visual")
+    efficiency = {
+        "num_visual": visual_mean,
+        "kept_per_layer": kept_mean,
+        "layer_avg_retention": (sum(kept_mean) / (num_layers * visual_mean)) if num_layers and visual_mean else 1.0,
+        "retention": getattr(method, "retention", 1.0) if method is not None else 1.0,
+        "flops_T": flops_lib.tera(mean("flops")),
+        "vanilla_flops_T": flops_lib.tera(
+            sum(flops_lib.llm_flops(llm_dims, int(r["num_visual"])) for r in scored) / n if n else 0.0
+        ),
+        "kv_cache_bytes": mean("kv_cache_bytes"),
+        "prefill_seconds": mean("prefill_seconds"),
+        "decode_seconds": mean("decode_seconds"),
+    }
+    results = {
+        **dict(run_info or {}),
+        "benchmark": benchmark.name,
+        "method": getattr(method, "name", "vanilla") if method is not None else "vanilla",
+        "prompt_id": benchmark.prompt_id,
+        "extraction_id": benchmark.extraction_id,
+        "judge": getattr(judge, "model", None) if judge is not None else None,
+        "num_samples": n,
+        "num_errors": sum(errors.values()),
+        "errors": dict(errors),
+        "score": score,
+        "efficiency": efficiency,
+    }
+    write_json_atomic(out_dir / RESULTS, results)
+    return results
