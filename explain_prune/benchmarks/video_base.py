@@ -41,8 +41,8 @@ class RowError(ValueError):
 
 
 def is_missing(value: Any) -> bool:
-    """None, NaN or an empty / whitespace-only string."""
-    if value is None:
+    """None, NaN / pandas NA or an empty / whitespace-only string."""
+    if value is None or value is pd.NA or value is pd.NaT:
         return True
     if isinstance(value, float) and math.isnan(value):
         return True
