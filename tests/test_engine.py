@@ -29,8 +29,9 @@ def tiny(name: str, dtype: str = "float32"):
 
 
 def image_prompts(vlm):
+    """Three prompts of different lengths and visual counts (the second has two images)."""
     return [
-        vlm.prepare(Sample(id=f"s{i}", question=q, images=[random_image(i, *hw)]))
+        vlm.prepare(Sample(id=f"s{i}", question=q, images=[random_image(i, *hw)] * (2 if i == 1 else 1)))
         for i, (q, hw) in enumerate(zip(QUESTIONS, SIZES))
     ]
 
@@ -83,8 +84,10 @@ def test_vanilla_engine_equals_hf_generate(name, video_file):
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
-@pytest.mark.parametrize("dtype,tol", [("float64", 1e-9), ("float32", 1e-5)])
-def test_input_stage_removal_equals_masking(name, dtype, tol, video_file):
+# float64 proves the identity (|Δ| <= 1e-9); float32 shows it holds at working precision, where
+# summation-order noise grows with the logit magnitude (hence the relative term).
+@pytest.mark.parametrize("dtype,atol,rtol", [("float64", 1e-9, 0.0), ("float32", 1e-5, 1e-4)])
+def test_input_stage_removal_equals_masking(name, dtype, atol, rtol, video_file):
     vlm = tiny(name, dtype)
     plan = PrunePlan({0: keep_every_other})
     for prompt in [*image_prompts(vlm), video_prompt(vlm, video_file)]:
@@ -97,9 +100,9 @@ def test_input_stage_removal_equals_masking(name, dtype, tol, video_file):
         chosen = removed.step_logits.argmax(-1).tolist()
         reference = masked_reference_logits(vlm, prompt, keep, chosen[:-1])
         assert removed.step_logits.shape[0] >= 5 or chosen[-1] in vlm.eos_token_ids
-        torch.testing.assert_close(removed.prefill_logits, reference[: prompt.length][keep], atol=tol, rtol=0)
+        torch.testing.assert_close(removed.prefill_logits, reference[: prompt.length][keep], atol=atol, rtol=rtol)
         steps = reference[prompt.length - 1 : prompt.length - 1 + len(chosen)]
-        torch.testing.assert_close(removed.step_logits, steps, atol=tol, rtol=0)
+        torch.testing.assert_close(removed.step_logits, steps, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)

@@ -1,0 +1,463 @@
+"""Pruning methods on every tiny model family.
+
+* exactness: removing the pruned tokens == keeping them and masking them out of attention from the
+  pruning layer on (float64, prefill logits at every kept position and >= 5 decode steps);
+* budgets: each method keeps exactly its per-sample count (DART: its documented excess), and the
+  analytic schedule `visual_tokens_per_layer` equals the engine's `kept_per_layer`;
+* rankings against independent references: ours / gae pick the top-k of f_θ(A_v^0) / R_v; FastV and
+  PDrop's first stage rank by the attention map HF's eager forward returns; DART against a
+  set-based re-implementation over HF hidden states; VisionZip's vision attention reproduces the
+  vision block's own output;
+* bad input (retention, unknown method / option, `ours` without a usable f_θ) is an InputError, and
+  the flops CLI exits non-zero on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from explain_prune.compress.network import FTheta, FThetaConfig, save_compressor
+from explain_prune.engine import generate
+from explain_prune.explain import first_layer_attention, relevance
+from explain_prune.methods import METHODS, build_method, keep_count
+from explain_prune.methods.pdrop import layer_averaged, search_layers
+from explain_prune.methods.visionzip import (
+    qwen2vl_capture_attention_input,
+    qwen2vl_vision_probs,
+    qwen2vl_vision_token_scores,
+    zip_tokens,
+)
+from explain_prune.models import InputError, Sample, build_vlm
+
+from helpers import ROOT, TINY_MODELS, model_cfg, random_image
+
+QUESTIONS = ["What color is the object ?", "How many objects are there ?"]
+SIZES = [(112, 140), (84, 112)]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(name: str):
+    return build_vlm(model_cfg(name, dtype="float64"))
+
+
+@functools.lru_cache(maxsize=None)
+def prompts(name: str):
+    vlm = tiny(name)
+    return tuple(
+        vlm.prepare(Sample(id=f"s{i}", question=q, images=[random_image(10 + i, *hw)]))
+        for i, (q, hw) in enumerate(zip(QUESTIONS, SIZES))
+    )
+
+
+@contextlib.contextmanager
+def never_stop(vlm):
+    """No end-of-answer token, so every run decodes all its steps (random weights stop early)."""
+    config = vlm.model.generation_config
+    previous = config.eos_token_id
+    config.eos_token_id = [-1]
+    try:
+        yield
+    finally:
+        config.eos_token_id = previous
+
+
+@pytest.fixture(scope="module")
+def ftheta_path(tmp_path_factory):
+    torch.manual_seed(3)
+    net = FTheta(FThetaConfig(channels=[4, 8], input_norm="mean"))
+    for p in net.parameters():  # a wide init so its ranking differs clearly from A_v^0's
+        torch.nn.init.normal_(p, std=0.8)
+    return save_compressor(tmp_path_factory.mktemp("ftheta") / "f.safetensors", net)
+
+
+def method_cases(name: str, ftheta: str):
+    """(label, method name, retention, options) for one tiny model (3 decoder layers)."""
+    cases = [
+        ("random", "random", 0.5, {}),
+        ("gae", "gae", 0.5, {"max_new_tokens": 3}),
+        ("ours", "ours", 0.25, {"checkpoint": ftheta}),
+        ("fastv", "fastv", 0.5, {"layer": 2}),
+        ("fastv-mean", "fastv", 0.25, {"layer": 1, "query": "mean"}),
+        ("pdrop", "pdrop", 0.5, {"layers": [1, 2]}),
+        ("dart", "dart", 0.5, {"layer": 2}),
+    ]
+    if name != "tiny_qwen2vl":  # PDrop's original renumbering is defined for 1-D RoPE
+        cases.append(("pdrop-renumber", "pdrop", 0.5, {"layers": [1, 2], "renumber_positions": True}))
+    return cases
+
+
+CASE_LABELS = ["random", "gae", "ours", "fastv", "fastv-mean", "pdrop", "dart", "pdrop-renumber"]
+
+
+def case(name, label, ftheta):
+    found = [c for c in method_cases(name, str(ftheta)) if c[0] == label]
+    if not found:
+        pytest.skip(f"{label} does not apply to {name}")
+    return found[0]
+
+
+# --- exactness and budgets ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+@pytest.mark.parametrize("label", CASE_LABELS)
+def test_removal_equals_masking_and_schedule(name, label, ftheta_path):
+    _, method_name, retention, options = case(name, label, ftheta_path)
+    vlm = tiny(name)
+    method = build_method(method_name, retention, **options)
+    num_layers = vlm.decoder.num_layers
+    with never_stop(vlm):
+        for prompt in prompts(name):
+            removed = generate(vlm, prompt, method, max_new_tokens=6, return_logits=True)
+            masked = generate(vlm, prompt, method, max_new_tokens=6, mode="mask", return_logits=True)
+            assert removed.step_logits.shape[0] == 6 and len(removed.tokens) == 6
+            assert removed.tokens == masked.tokens
+            torch.testing.assert_close(removed.prefill_logits, masked.prefill_logits, atol=1e-9, rtol=0)
+            torch.testing.assert_close(removed.step_logits, masked.step_logits, atol=1e-9, rtol=0)
+            # the engine's record == the analytic schedule used for FLOPs
+            schedule = method.visual_tokens_per_layer(prompt.num_visual, num_layers)
+            assert removed.kept_per_layer == masked.kept_per_layer == schedule
+            assert min(schedule) < prompt.num_visual
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_budgets(name, ftheta_path):
+    vlm = tiny(name)
+    layers = vlm.decoder.num_layers
+    for prompt in prompts(name):
+        n = prompt.num_visual
+        for label, method_name, retention, options in method_cases(name, str(ftheta_path)):
+            kept = generate(vlm, prompt, build_method(method_name, retention, **options), max_new_tokens=1).kept_per_layer
+            k = max(1, round(retention * n))
+            if method_name in ("random", "gae", "ours"):
+                assert kept == [k] * layers, label
+            elif method_name == "fastv":
+                layer = options["layer"]
+                assert kept == [n] * layer + [k] * (layers - layer), label
+            elif method_name == "pdrop":
+                lam = build_method(method_name, retention, **options).schedule(layers).lam
+                assert kept == [n, round(lam * n), round(lam**2 * n)], label
+                assert abs(layer_averaged([1, 2], lam, layers) - retention) < 1e-9
+            elif method_name == "dart":
+                # 4 image pivots + (4 + 4) pivots x int(r N / 8) picks: not round(r N)
+                expected = 4 + 8 * int(n * retention / 8)
+                assert kept == [n, n, expected], label
+                assert -4 < expected - retention * n <= 4
+    # the documented excess, on a count where it shows: N=196 (VILA), r=0.5 -> 100 tokens, not 98
+    dart = build_method("dart", 0.5)
+    assert dart.expected_keep(196) == 100 and keep_count(0.5, 196) == 98
+    assert dart.visual_tokens_per_layer(196, 28)[2:] == [100] * 26
+
+
+# --- rankings against independent references ---------------------------------------------------
+
+
+def _kept_ordinals(vlm, prompt, method):
+    plan = method.plan(vlm, prompt)
+    generate(vlm, prompt, plan, max_new_tokens=1)
+    return plan, plan.info["kept"]
+
+
+def _topk_ordinals(scores, k):
+    return torch.argsort(-scores.float(), stable=True)[:k].sort().values
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_ours_keeps_top_k_of_ftheta(name, ftheta_path):
+    vlm = tiny(name)
+    method = build_method("ours", 0.25, checkpoint=str(ftheta_path))
+    for prompt in prompts(name):
+        _, kept = _kept_ordinals(vlm, prompt, method)
+        a0 = first_layer_attention(vlm, prompt).float()
+        scores = method.compressor(a0[None])[0]
+        expected = _topk_ordinals(scores, keep_count(0.25, prompt.num_visual))
+        assert torch.equal(kept[0], expected)
+        # f_θ must matter: its top-k is not A_v^0's own top-k on at least one fixture
+    assert any(
+        not torch.equal(
+            _topk_ordinals(method.compressor(first_layer_attention(vlm, p).float()[None])[0], keep_count(0.25, p.num_visual)),
+            _topk_ordinals(first_layer_attention(vlm, p), keep_count(0.25, p.num_visual)),
+        )
+        for p in prompts(name)
+    )
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_gae_keeps_top_k_of_relevance(name):
+    vlm = tiny(name)
+    method = build_method("gae", 0.5, max_new_tokens=3)
+    for prompt in prompts(name):
+        plan, kept = _kept_ordinals(vlm, prompt, method)
+        answer = generate(vlm, prompt, None, max_new_tokens=3).tokens or [vlm.eos_token_ids[0]]
+        assert plan.info["answer_ids"] == answer
+        rv = relevance(vlm, prompt, answer)
+        assert torch.equal(kept[0], _topk_ordinals(rv, keep_count(0.5, prompt.num_visual)))
+
+
+def _hf_eager(vlm, prompt):
+    with torch.no_grad(), vlm.attention_implementation("eager"):
+        return vlm.model(
+            inputs_embeds=prompt.inputs_embeds,
+            position_ids=prompt.position_ids,
+            attention_mask=prompt.attention_mask,
+            output_attentions=True,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_fastv_and_pdrop_rank_by_the_layers_own_attention(name):
+    vlm = tiny(name)
+    for prompt in prompts(name):
+        out = _hf_eager(vlm, prompt)
+        visual = prompt.visual_index
+        n = prompt.num_visual
+        # FastV at K=2: the last row of the map layer 1 computed, head mean
+        _, kept = _kept_ordinals(vlm, prompt, build_method("fastv", 0.5, layer=2))
+        last_row = out.attentions[1][0].mean(0)[-1, visual]
+        assert torch.equal(kept[2], _topk_ordinals(last_row, keep_count(0.5, n)))
+        # FastV mean-query variant at K=1: mean over all rows of layer 0's map
+        _, kept = _kept_ordinals(vlm, prompt, build_method("fastv", 0.25, layer=1, query="mean"))
+        mean_rows = out.attentions[0][0].mean(0)[:, visual].mean(0)
+        assert torch.equal(kept[1], _topk_ordinals(mean_rows, keep_count(0.25, n)))
+        # PDrop's first stage (layer 1, nothing pruned before it): layer 1's own map, last row
+        method = build_method("pdrop", 0.5, layers=[1, 2])
+        _, kept = _kept_ordinals(vlm, prompt, method)
+        lam = method.schedule(vlm.decoder.num_layers).lam
+        assert torch.equal(kept[1], _topk_ordinals(last_row, keep_count(lam, n)))
+        assert set(kept[2].tolist()) <= set(kept[1].tolist()) and kept[2].numel() == keep_count(lam**2, n)
+
+
+def _dart_reference(vlm, prompt, out, layer, retention, p_img=4, p_txt=4):
+    """DART's selection from HF hidden states, written as the original: Python sets and lists."""
+    decoder = vlm.decoder
+    prev = out.hidden_states[layer - 1][0]  # entering layer K-1
+    attn_layer = decoder.layers[layer - 1]
+    x = attn_layer.input_layernorm(prev)
+    positions = prompt.position_ids[:, 0] if prompt.position_ids.dim() == 3 else prompt.position_ids[0]
+    cos, sin = decoder.rotary_emb(x[None], positions[:, None] if positions.dim() == 2 else positions[None])
+    keys = attn_layer.self_attn.k_proj(x).view(x.shape[0], -1, attn_layer.self_attn.head_dim).transpose(0, 1)
+    half = keys.shape[-1] // 2
+    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
+    keys = keys * cos[0][None] + rotated * sin[0][None]
+    groups = decoder.num_heads // decoder.num_kv_heads
+    flat = keys.repeat_interleave(groups, dim=0).transpose(0, 1).reshape(x.shape[0], -1)  # repeat_kv + concat
+    norms = torch.norm(flat, p=1, dim=-1)
+    start, length = int(prompt.visual_index[0]), prompt.num_visual
+    image_pivots = (norms[start : start + length].topk(p_img).indices + start).tolist()
+    text_pivots = (norms[start + length :].topk(p_txt).indices + start + length).tolist()
+    state = decoder.norm(out.hidden_states[layer][0])
+    topk = int(length * retention / (p_img + p_txt))
+    chosen = set(image_pivots)
+    valid = sorted(set(range(start, start + length)) - set(image_pivots))
+    for pivot in sorted(image_pivots + text_pivots):
+        sim = F.cosine_similarity(state[pivot][None], state[valid], dim=-1)
+        picks = [valid[i] for i in torch.argsort(sim, stable=True)[:topk].tolist()]
+        chosen.update(picks)
+        valid = [v for v in valid if v not in set(picks)]
+    return torch.tensor(sorted(chosen)) - start
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_dart_matches_set_based_reference(name):
+    vlm = tiny(name)
+    for prompt in prompts(name):
+        assert torch.equal(prompt.visual_index, torch.arange(prompt.visual_index[0], prompt.visual_index[0] + prompt.num_visual))
+        out = _hf_eager(vlm, prompt)
+        _, kept = _kept_ordinals(vlm, prompt, build_method("dart", 0.5, layer=2))
+        assert torch.equal(kept[2], _dart_reference(vlm, prompt, out, 2, 0.5))
+
+
+def test_random_is_reproducible_per_sample():
+    vlm = tiny("tiny_llava_ov")
+    method = build_method("random", 0.5, seed=7)
+    first, second = prompts("tiny_llava_ov")
+    a = _kept_ordinals(vlm, first, method)[1][0]
+    assert torch.equal(a, _kept_ordinals(vlm, first, build_method("random", 0.5, seed=7))[1][0])
+    assert not torch.equal(a, _kept_ordinals(vlm, first, build_method("random", 0.5, seed=8))[1][0])
+    renamed = dataclasses.replace(first, sample_id="other")
+    assert not torch.equal(a, _kept_ordinals(vlm, renamed, method)[1][0])
+    batched = generate(vlm, [first, second], method, max_new_tokens=3)
+    assert [g.tokens for g in batched] == [generate(vlm, p, method, max_new_tokens=3).tokens for p in (first, second)]
+
+
+# --- PDrop's schedule -----------------------------------------------------------------------------
+
+
+def test_pdrop_schedule_derivation():
+    for layers, stages in [(28, (2, 5, 10)), (32, (2, 6, 12))]:
+        sched = build_method("pdrop", 0.25).schedule(layers)
+        assert sched.layers == stages and math.isclose(sched.lam, 0.5, abs_tol=1e-9)
+        assert math.isclose(sched.nominal_retention, 0.25, abs_tol=1e-9)
+        # λ fixed -> the stage layers are searched and the same doubling pyramid comes out
+        assert tuple(search_layers(layers, 0.5, 0.25, 2, 3)) == stages
+    # PDrop's own default (LLaVA, 32 layers): [8, 16, 24] with λ = 0.5 averages 46.9 %
+    assert math.isclose(layer_averaged([8, 16, 24], 0.5, 32), 15 / 32)
+    # other targets are met by solving λ; the per-layer counts follow round(λ^s N)
+    for target in (0.5, 0.1):
+        method = build_method("pdrop", target)
+        sched = method.schedule(28)
+        assert math.isclose(sched.nominal_retention, target, abs_tol=1e-9)
+        counts = method.visual_tokens_per_layer(1302, 28)
+        assert abs(sum(counts) / (28 * 1302) - target) < 0.002
+        assert counts[:2] == [1302, 1302] and counts[2] == round(sched.lam * 1302)
+    with pytest.raises(InputError, match="unreachable"):
+        build_method("pdrop", 0.05).schedule(28)  # layers 0-1 alone already average 7 %
+    with pytest.raises(InputError, match="requested"):
+        build_method("pdrop", 0.5, layers=[2, 5, 10], lam=0.5).schedule(28)
+    with pytest.raises(InputError, match="M-RoPE"):
+        build_method("pdrop", 0.5, layers=[1, 2], renumber_positions=True).plan(tiny("tiny_qwen2vl"), prompts("tiny_qwen2vl")[0])
+
+
+# --- VisionZip ------------------------------------------------------------------------------------
+
+
+def test_visionzip_vision_attention_reproduces_the_block():
+    vlm = tiny("tiny_qwen2vl")
+    prompt = prompts("tiny_qwen2vl")[0]
+    attn, captured = qwen2vl_capture_attention_input(vlm, prompt, -2)
+    x = captured["x"]
+    seq = x.shape[0]
+    values = attn.qkv(x).reshape(seq, 3, attn.num_heads, -1)[:, 2]
+    mixed = torch.zeros_like(values)
+    received = torch.zeros(seq, dtype=torch.float64)
+    for start, end, head, probs in qwen2vl_vision_probs(attn, x, captured["cu_seqlens"], captured["position_embeddings"]):
+        mixed[start:end, head] = probs.to(values.dtype) @ values[start:end, head]
+        received[start:end] += probs.double().mean(0) / attn.num_heads
+    with torch.no_grad():
+        torch.testing.assert_close(attn.proj(mixed.reshape(seq, -1)), captured["out"], atol=1e-5, rtol=0)
+    scores, keys = qwen2vl_vision_token_scores(vlm, prompt, -2)
+    torch.testing.assert_close(scores.double(), received.view(-1, 4).mean(1), atol=1e-6, rtol=0)
+    assert keys.shape == (prompt.num_visual, x.shape[-1] // attn.num_heads)
+
+
+def test_zip_tokens_dominant_and_contextual():
+    torch.manual_seed(0)
+    scores, keys, embeds = torch.rand(20), torch.randn(20, 5), torch.randn(20, 3, dtype=torch.float64)
+    kept, new, targets = zip_tokens(scores, keys, embeds, dominant=6, contextual=2)
+    dominant = torch.argsort(-scores)[:6]
+    rest = [i for i in range(20) if i not in set(dominant.tolist())]  # 14 left, stride 7 -> targets rest[0], rest[7]
+    assert targets.tolist() == [rest[0], rest[7]]
+    assert kept.tolist() == sorted(dominant.tolist() + targets.tolist())
+    metric = F.normalize(keys, dim=-1)
+    others = [i for i in rest if i not in targets.tolist()]
+    for slot, target in enumerate(targets.tolist()):
+        members = [o for o in others if int((metric[o] @ metric[targets].T).argmax()) == slot]
+        expected = embeds[target] + (embeds[members].mean(0) if members else 0)
+        torch.testing.assert_close(new[kept.tolist().index(target)], expected)
+    for d in dominant.tolist():
+        assert torch.equal(new[kept.tolist().index(d)], embeds[d])
+
+
+def test_visionzip_prompt_equals_masked_full_sequence():
+    vlm = tiny("tiny_qwen2vl")
+    method = build_method("visionzip", 0.5)
+    with never_stop(vlm):
+        for prompt in prompts("tiny_qwen2vl"):
+            zipped = method.transform(vlm, prompt)
+            n, k = prompt.num_visual, keep_count(0.5, prompt.num_visual)
+            info = zipped.meta["visionzip"]
+            assert zipped.num_visual == k and info["num_visual_input"] == n and info["dominant"] == k - round(k * 10 / 64)
+            out = generate(vlm, zipped, method, max_new_tokens=6, return_logits=True)
+            assert out.kept_per_layer == method.visual_tokens_per_layer(n, vlm.decoder.num_layers)
+            # reference: the full sequence with the new embeddings in place and the dropped tokens masked
+            keep = torch.ones(prompt.length, dtype=torch.bool)
+            keep[prompt.visual_index] = False
+            keep[prompt.visual_index[info["kept"]]] = True
+            embeds = prompt.inputs_embeds.clone()
+            embeds[0, keep] = zipped.inputs_embeds[0]
+            chosen = out.step_logits.argmax(-1).tolist()[:-1]
+            ids = torch.tensor([chosen])
+            full = torch.cat([embeds, vlm.embed_text(ids).to(embeds.dtype)], 1)
+            positions = torch.cat([prompt.position_ids, prompt.next_positions(len(chosen))], -1)
+            live = torch.cat([keep, torch.ones(len(chosen), dtype=torch.bool)])
+            allowed = (torch.ones(live.numel(), live.numel(), dtype=torch.bool).tril() & live[None]) | torch.eye(live.numel(), dtype=torch.bool)
+            mask = torch.zeros(1, 1, *allowed.shape, dtype=full.dtype).masked_fill(~allowed, torch.finfo(full.dtype).min)
+            with torch.no_grad():
+                logits = vlm.model(inputs_embeds=full, position_ids=positions, attention_mask=mask).logits[0].float()
+            # the engine returns float32 logits of the float64 model: agreement to float32 rounding
+            torch.testing.assert_close(out.prefill_logits, logits[: prompt.length][keep], atol=1e-5, rtol=0)
+            torch.testing.assert_close(out.step_logits, logits[prompt.length - 1 :], atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="transform"):
+        method.plan(vlm, prompts("tiny_qwen2vl")[0])
+    with pytest.raises(InputError, match="vision_token_scores"):
+        method.transform(tiny("tiny_llava_ov"), prompts("tiny_llava_ov")[0])
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("retention", [0, -0.1, 1.5, float("nan"), "half", None])
+def test_bad_retention(retention):
+    with pytest.raises(InputError, match="retention"):
+        build_method("fastv", retention)
+
+
+def test_unknown_method_and_option(tmp_path):
+    with pytest.raises(InputError, match="known: .*dart.*fastv"):
+        build_method("fastvv", 0.5)
+    with pytest.raises(InputError, match="unknown option.*K"):
+        build_method("fastv", 0.5, K=2)
+    with pytest.raises(InputError, match="retention must be 1.0"):
+        build_method("vanilla", 0.5)
+    with pytest.raises(InputError, match="query"):
+        build_method("fastv", 0.5, query="first")
+    with pytest.raises(InputError, match="fastv layer"):
+        build_method("fastv", 0.5, layer=3).plan(tiny("tiny_vila"), prompts("tiny_vila")[0])
+    assert sorted(METHODS) == sorted(["vanilla", "random", "gae", "ours", "fastv", "pdrop", "dart", "visionzip"])
+
+
+def test_ours_needs_a_compatible_checkpoint(tmp_path):
+    vlm, prompt = tiny("tiny_vila"), prompts("tiny_vila")[0]
+    with pytest.raises(InputError, match="checkpoint"):
+        build_method("ours", 0.5).plan(vlm, prompt)
+    with pytest.raises(InputError, match="not found"):
+        build_method("ours", 0.5, checkpoint=str(tmp_path / "missing.safetensors"))
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    with pytest.raises(InputError, match="not an f_θ file"):
+        build_method("ours", 0.5, checkpoint=str(other))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError):
+        build_method("ours", 0.5, checkpoint=str(garbage))
+
+
+# --- the flops CLI ------------------------------------------------------------------------------
+
+
+def _flops_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "explain_prune.flops", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_flops_cli():
+    ok = _flops_cli("model=qwen2vl", "n_visual=1302", "method=ours", "retention=0.25")
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.strip().splitlines()
+    assert len(lines) == 1
+    report = json.loads(lines[0])
+    # paper Table 9 / Table 4: Qwen2-VL on a 384x512 image (1302 tokens): 9.6 T and 71.2 MB unpruned,
+    # ours at 25 %: 2.4 T, 17.8 MB; App. C: A_v^0 costs ~0.17 % of the full LLM
+    assert round(report["vanilla_flops_T"], 1) == 9.6 and round(report["flops_T"], 1) == 2.4
+    assert round(report["vanilla_kv_cache_MiB"], 1) == 71.2 and round(report["kv_cache_MiB"], 1) == 17.8
+    assert round(report["overhead"]["first_layer_attention_share_of_vanilla"] * 100, 2) == 0.17
+    assert report["visual_tokens_per_layer"] == [326] * 28 and report["method"] == "ours"
+    bad = _flops_cli("model=qwen2vl", "n_visual=1302", "method=fastv", "retention=1.5")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "retention" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    missing = _flops_cli("model=qwen2vl", "method=pdrop", "retention=0.25")
+    assert missing.returncode == 2 and "n_visual" in missing.stderr
