@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -83,6 +84,11 @@ def _write_results(output_dir: Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def _threads(cfg: DictConfig) -> None:
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
+
+
 def _check_ckpt(path: Any) -> str | None:
     if path in (None, ""):
         return None
@@ -95,6 +101,7 @@ def fit(cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path) -> d
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = _check_ckpt(cfg.get("ckpt_path"))
+    _threads(cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = build_datamodule(cfg, cache_dirs)
     datamodule.setup("fit")  # bad caches fail here, before Lightning prints anything
@@ -151,6 +158,7 @@ def validate(
     ckpt_path = _check_ckpt(cfg.get("ckpt_path"))
     if ckpt_path is None:
         raise InputError("validate_only=true needs ckpt_path=<a .ckpt written by explain_prune.train>")
+    _threads(cfg)
     try:
         module = CompressorModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     except (KeyError, RuntimeError, TypeError) as err:

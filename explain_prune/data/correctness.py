@@ -14,8 +14,9 @@ applies (`question_meta` is the sample's meta; the sources set `answer_type`, `o
      b. an announced letter: "answer is B", "Answer: (B)", "option B", "choice: B" (the first one
         that is an option letter);
      c. VLMEvalKit's `can_infer` (benchmarks.extract.extract_option_letter, reused): exactly one
-        standalone option letter, else exactly one option text contained in the answer — with a
-        leading article "A " removed first, so "A cat" picks the option whose text is "cat".
+        standalone option letter, else exactly one option text contained in the answer.  When
+        the one letter found is a leading "A" followed by a lower-case word ("A cat"), it may be
+        the article: if the text without it picks an option (by letter or text), that option wins.
    Nothing inferable, a refusal or two letters ("A or B") is wrong.
 2. Yes/no — the normalised reference is "yes" or "no": correct iff VLMEvalKit's yes/no
    extraction (benchmarks.extract.extract_yes_no) of the prediction equals it.
@@ -88,7 +89,11 @@ def extract_choice(prediction: str, options: Mapping[str, str] | Sequence[str]) 
         letter = match.group(1)
         if letter in letters:
             return letter
-    fallback = extract_option_letter(_ARTICLE_A.sub("", text, count=1), options)
+    fallback = extract_option_letter(text, options)
+    if fallback == "A" and _ARTICLE_A.match(text):  # "A cat": the only letter may be the article
+        by_text = extract_option_letter(_ARTICLE_A.sub("", text, count=1), options)
+        if by_text in letters:
+            fallback = by_text
     return fallback if fallback in letters else None
 
 

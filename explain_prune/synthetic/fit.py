@@ -220,7 +220,7 @@ def _lightning_module(vlm: Any, curriculum: Curriculum, lr: float, weight_decay:
                 point = {
                     "step": step,
                     "seconds": round(time.time() - started, 1),
-                    "loss": round(float(loss), 4),
+                    "loss": round(loss.item(), 4),
                     "train_running_acc": round(curriculum.running_accuracy, 4),
                     "max_objects": curriculum.current,
                     "val_acc": round(sum(acc) / len(acc), 4),

@@ -238,11 +238,12 @@ def render(scene: Scene) -> list[Image.Image]:
     for f in range(max(1, cfg.frames)):
         slot = f // TEMPORAL_PATCH
         pix = scene.level + rng.integers(-cfg.noise, cfg.noise + 1, size=(side, side, 3))
+        # one texture field per frame, so each object's pixels do not depend on the other objects
+        texture = rng.integers(-15, 16, size=(side, side, 3))
         for obj, mask in zip(scene.objects, masks):
             if cfg.frames and slot not in obj.slots:
                 continue
-            texture = rng.integers(-15, 16, size=(int(mask.sum()), 3))
-            pix[mask] = np.clip(np.array(COLORS[obj.color]) + texture, 0, 255)
+            pix[mask] = np.clip(np.array(COLORS[obj.color]) + texture[mask], 0, 255)
         frames.append(Image.fromarray(pix.astype(np.uint8), "RGB"))
     return frames
 

@@ -1,0 +1,240 @@
+"""The synthetic grid task: determinism, ground-truth tokens, answer dependence, video frames,
+alignment with the Qwen2-VL adapter, and the shipped trained model."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from explain_prune.synthetic import MODEL_DIR
+from explain_prune.synthetic.generator import (
+    ANSWERS,
+    COLORS,
+    SHAPES,
+    TOKEN_PX,
+    SyntheticConfig,
+    generate,
+    make_sample,
+    make_scene,
+    render,
+    scene_to_sample,
+    solve,
+    token_positions,
+    with_objects,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = SyntheticConfig(grid=4, cell_px=56, min_objects=2, max_objects=6)
+
+
+def saturated(pixels: np.ndarray) -> np.ndarray:
+    """[H, W] bool: pixels of any object (some channel > 190; the background never exceeds 158)."""
+    return pixels.max(-1) > 190
+
+
+def of_color(pixels: np.ndarray, color: str) -> np.ndarray:
+    """[H, W] bool: object pixels of one colour (object texture is +-15 around the colour)."""
+    return np.all(np.abs(pixels.astype(int) - np.array(COLORS[color])) <= 15, axis=-1)
+
+
+def token_map(mask: np.ndarray) -> np.ndarray:
+    """[H, W] bool -> [h*w] bool: which 28x28 tokens (raster order) contain a True pixel."""
+    h, w = mask.shape[0] // TOKEN_PX, mask.shape[1] // TOKEN_PX
+    return mask.reshape(h, TOKEN_PX, w, TOKEN_PX).any(axis=(1, 3)).reshape(-1)
+
+
+# --- generator ----------------------------------------------------------------------------------
+def test_deterministic_by_seed_and_index():
+    a, b = make_sample(SMALL, seed=3, index=17), make_sample(SMALL, seed=3, index=17)
+    assert (a.id, a.question, a.answer, a.meta) == (b.id, b.question, b.answer, b.meta)
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    others = [make_sample(SMALL, seed=4, index=17), make_sample(SMALL, seed=3, index=18)]
+    for c in others:
+        assert not np.array_equal(np.asarray(a.images[0]), np.asarray(c.images[0]))
+    # generate() is the same stream, independent of where it starts
+    assert generate(SMALL, 3, seed=3, start=16)[1].meta == a.meta
+
+
+def test_sizes_answers_and_chance():
+    samples = generate(SMALL, 64, seed=0)
+    assert {s.meta["question_type"] for s in samples} == {"shape", "color"}
+    for s in samples:
+        assert s.images[0].size == (224, 224)
+        assert s.meta["visual_grid"] == (1, 8, 8)
+        assert s.answer in ANSWERS[s.meta["question_type"]] and len(s.meta["answers"]) == 4
+        assert s.meta["chance"] == 0.25
+        assert 2 <= len(s.meta["objects"]) <= 6
+        assert s.meta["gt_tokens"] == sorted(set(s.meta["gt_tokens"])) and 1 <= len(s.meta["gt_tokens"]) <= 4
+    large = make_sample(SyntheticConfig(grid=8, cell_px=56, max_objects=10), seed=0, index=0)
+    assert large.images[0].size == (448, 448) and large.meta["visual_grid"] == (1, 16, 16)
+    with pytest.raises(ValueError):
+        SyntheticConfig(cell_px=42)  # not token-aligned
+    with pytest.raises(ValueError):
+        SyntheticConfig(grid=2, max_objects=5)
+
+
+def test_all_words_in_tokenizer():
+    from explain_prune.models.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    unk = tok.unk_token_id
+    words = {w for s in generate(SMALL, 64, seed=1) for w in s.question.split()} | set(SHAPES) | set(COLORS)
+    for w in words:
+        ids = tok(w, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and ids[0] != unk, w
+
+
+@pytest.mark.parametrize("cfg", [SMALL, SyntheticConfig(grid=8, cell_px=28, min_objects=3, max_objects=12)])
+def test_gt_tokens_cover_exactly_the_queried_object(cfg):
+    for s in generate(cfg, 24, seed=5):
+        scene = make_scene(cfg, seed=5, index=int(s.id.rsplit("-", 1)[1]))
+        pix = np.asarray(s.images[0])
+        gt = np.zeros(cfg.tokens_per_side**2, dtype=bool)
+        gt[s.meta["gt_tokens"]] = True
+        # removing the queried object changes pixels in exactly the gt tokens
+        rest = [o for i, o in enumerate(scene.objects) if i != scene.target]
+        without = np.asarray(render(dataclasses.replace(scene, objects=rest))[0])
+        assert np.array_equal(token_map(np.any(pix != without, axis=-1)), gt)
+        # the queried object's colour: all its pixels are in gt tokens when the colour selects it
+        target = scene.objects[scene.target]
+        if s.meta["question_type"] == "shape":
+            assert np.array_equal(token_map(of_color(pix, target.color)), gt)
+        # gt tokens lie inside the object's cell, and other objects never touch them
+        others = token_map(saturated(without))
+        assert not (others & gt).any()
+
+
+def test_answer_depends_only_on_the_queried_object():
+    rng = np.random.default_rng(0)
+    for index in range(32):
+        scene = make_scene(SMALL, seed=7, index=index)
+        target = scene.objects[scene.target]
+        sample = scene_to_sample(scene, "x")
+        free = [c for c in range(16) if c != target.row * 4 + target.col]
+        moved = []
+        for o, cell in zip(scene.objects[1:], rng.choice(free, size=len(scene.objects) - 1, replace=False)):
+            if scene.question_type == "shape":  # the colour selects: keep distractors off the target colour
+                color = str(rng.choice([c for c in COLORS if c != target.color]))
+                shape = str(rng.choice(SHAPES))
+            else:
+                color = str(rng.choice(list(COLORS)))
+                shape = str(rng.choice([s for s in SHAPES if s != target.shape]))
+            moved.append(dataclasses.replace(o, color=color, shape=shape, row=int(cell) // 4, col=int(cell) % 4))
+        perturbed = with_objects(scene, [target, *moved])
+        other = scene_to_sample(perturbed, "y")
+        assert perturbed.answer == scene.answer == sample.answer
+        assert other.meta["gt_tokens"] == sample.meta["gt_tokens"]
+        # changing the asked attribute of the queried object changes the answer
+        attr = scene.question_type
+        new_value = next(v for v in ANSWERS[attr] if v != getattr(target, attr))
+        changed = with_objects(scene, [dataclasses.replace(target, **{attr: new_value}), *scene.objects[1:]])
+        assert changed.answer == new_value != scene.answer
+    with pytest.raises(ValueError):  # an ambiguous selector is rejected by the oracle
+        o = make_scene(SMALL, seed=7, index=0).objects[0]
+        solve(f"what shape is the {o.color} object ?", [o, dataclasses.replace(o, row=(o.row + 1) % 4)])
+
+
+def test_video_gt_frames():
+    cfg = SyntheticConfig(grid=4, cell_px=56, min_objects=2, max_objects=5, frames=8)
+    for index in range(12):
+        s = make_sample(cfg, seed=2, index=index)
+        scene = make_scene(cfg, seed=2, index=index)
+        assert s.video is not None and len(s.video) == 8 and not s.images
+        assert s.meta["visual_grid"] == (4, 8, 8)
+        target = scene.objects[scene.target]
+        assert 1 <= len(target.slots) < 4  # absent from at least one temporal token
+        gt = np.array(s.meta["gt_tokens"])
+        assert set((gt // 64).tolist()) == set(target.slots)
+        spatial = token_positions(dataclasses.replace(cfg, frames=0), target)
+        cell = np.zeros(64, dtype=bool)
+        cell[spatial] = True
+        for f, frame in enumerate(s.video):
+            present = token_map(of_color(np.asarray(frame), target.color)) & cell
+            if f // 2 in target.slots:
+                assert np.array_equal(present, cell)
+                assert sorted((gt[gt // 64 == f // 2] % 64).tolist()) == spatial
+            else:  # the target's tokens show background only
+                assert not token_map(saturated(np.asarray(frame)))[cell].any()
+
+
+# --- adapter alignment and the shipped model ------------------------------------------------------
+def synthetic_model_cfg(pretrained: bool = True):
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / "synthetic.yaml")
+    if not pretrained:
+        cfg.pretrained = None
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def random_vlm():
+    from explain_prune.models import build_vlm
+
+    return build_vlm(synthetic_model_cfg(pretrained=False))
+
+
+def test_gt_tokens_index_the_adapters_visual_sequence(random_vlm):
+    """The gt indices address the adapter's visual tokens: the 2x2 patches merged into token j
+    (rows 4j..4j+3 of pixel_values) hold the object's colour exactly when j is a gt token."""
+    from explain_prune.synthetic.generator import object_mask
+
+    proc = random_vlm.image_processor
+    mean, std = np.array(proc.image_mean), np.array(proc.image_std)
+    for cfg in (SMALL, SyntheticConfig(grid=8, cell_px=56, min_objects=2, max_objects=10)):
+        s = make_sample(cfg, seed=9, index=1)
+        prompt = random_vlm.prepare(s)
+        assert prompt.visual_grid == s.meta["visual_grid"] and prompt.num_visual == cfg.num_visual_tokens
+        pixels, _ = random_vlm.image_pixels(s.images)
+        # [tokens, 4 patches, C, T, 14, 14] -> RGB 0..255 per patch pixel
+        patches = pixels.view(-1, 4, 3, 2, 14, 14)[:, :, :, 0].permute(0, 1, 3, 4, 2).numpy()
+        rgb = (patches * std + mean) * 255
+        scene = make_scene(cfg, seed=9, index=1)
+        mask = object_mask(cfg, scene.objects[scene.target])
+        expected = token_map(mask)
+        color = np.array(COLORS[scene.objects[scene.target].color])
+        has = (np.abs(rgb - color) <= 16).all(-1).reshape(len(rgb), -1).any(-1)
+        assert np.array_equal(np.nonzero(has & expected)[0], np.array(s.meta["gt_tokens"]))
+        assert np.array_equal(np.nonzero(expected)[0], np.array(s.meta["gt_tokens"]))
+
+
+def test_training_batches_match_the_adapter_prompt(random_vlm):
+    """fit.encode_batch (right-padded, with answers) gives the adapter's prompt ids and the same
+    next-token logits at the answer position as the adapter's prepare() path."""
+    from explain_prune.synthetic.fit import encode_batch, forward_logits
+
+    vlm = random_vlm
+    samples = generate(SMALL, 3, seed=11) + generate(SyntheticConfig(frames=4, max_objects=3), 1, seed=11)
+    batch = encode_batch(vlm, samples)
+    with torch.no_grad():
+        logits = forward_logits(vlm.model, batch)
+        for i, s in enumerate(samples):
+            prompt = vlm.prepare(s)
+            p = int(batch["answer_pos"][i])
+            assert torch.equal(batch["input_ids"][i, : p + 1], prompt.input_ids[0])
+            answer = vlm.tokenizer(f"{s.answer}<|im_end|>", add_special_tokens=False)["input_ids"]
+            assert batch["labels"][i, p + 1 : p + 3].tolist() == answer
+            ref = vlm.model(inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids,
+                            attention_mask=prompt.attention_mask).logits[0, -1]
+            torch.testing.assert_close(logits[i, p], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_shipped_model_accuracy():
+    """The committed weights load through build_vlm(conf/model/synthetic.yaml) and answer >= 90 %
+    of 64 held-out samples (chance 25 %); greedy decoding gives the answer word then stops."""
+    from explain_prune.models import build_vlm
+    from explain_prune.synthetic.fit import TEST_SEED, accuracy
+
+    cfg = synthetic_model_cfg()
+    assert Path(cfg.pretrained) == MODEL_DIR
+    vlm = build_vlm(cfg)
+    samples = generate(SMALL, 64, seed=TEST_SEED)
+    correct = accuracy(vlm, samples)
+    assert sum(correct) / len(correct) >= 0.9
+    for s in samples[:4]:
+        tokens = vlm.generate_reference(vlm.prepare(s), max_new_tokens=3)
+        assert vlm.decode(tokens) == s.answer
+        assert int(tokens[1]) in vlm.eos_token_ids
