@@ -401,6 +401,8 @@ def test_is_correct_multiple_choice_uses_the_reference_letter():
     ("a red circle", "circle", {"answers": ["circle", "square"]}, True),
     ("circle or square", "circle", {"answers": ["circle", "square"]}, False),  # two candidates named
     ("square", "circle", {"answers": ["circle", "square"]}, False),
+    ("I see a small red object near the top left corner of the grey board", "red", {}, True),  # 12 words
+    ("and 10 will ! vision assistant following Red Select Colour system , 10 Given Tree", "red", {}, False),  # 13
     ("The man plays the guitar on a bench.", "A man is playing the guitar on a bench.", {}, True),  # F1 0.73
     ("A dog runs.", "A man is playing the guitar on a bench.", {}, False),
     ("A dog runs.", "A man is playing the guitar on a bench.", {"f1_threshold": 0.0}, True),

@@ -21,8 +21,10 @@ applies (`question_meta` is the sample's meta; the sources set `answer_type`, `o
 2. Yes/no — the normalised reference is "yes" or "no": correct iff VLMEvalKit's yes/no
    extraction (benchmarks.extract.extract_yes_no) of the prediction equals it.
 3. Short answer — the normalised reference has at most SHORT_ANSWER_WORDS words: correct iff the
-   normalised prediction equals it, or contains it as a whole-word span AND contains no other
-   candidate of `question_meta["answers"]` (the closed answer set, when the task has one).
+   normalised prediction equals it, or is a sentence of at most SHORT_PREDICTION_WORDS words that
+   contains it as a whole-word span AND names no other candidate of `question_meta["answers"]`
+   (the closed answer set, when the task has one).  The length cap keeps a long ramble that
+   happens to contain the word from counting as an answer.
 4. Long free-form answer (more words): correct iff the token F1 (SQuAD style, on normalised
    tokens) between prediction and reference is at least `question_meta.get("f1_threshold",
    F1_THRESHOLD)`.  String overlap is only a proxy for a long answer; a judge model is the faithful
@@ -45,6 +47,7 @@ from typing import Any, Mapping, Sequence
 from explain_prune.benchmarks.extract import extract_option_letter, extract_yes_no
 
 SHORT_ANSWER_WORDS = 3
+SHORT_PREDICTION_WORDS = 12
 F1_THRESHOLD = 0.5
 CORRECTNESS_RULE_ID = "app_b_v1"  # names this rule set (recorded next to cached samples by callers)
 
@@ -142,7 +145,7 @@ def is_correct(prediction: str, reference: str, question_meta: Mapping[str, Any]
     if len(ref.split()) <= SHORT_ANSWER_WORDS:
         if pred == ref:
             return True
-        if not _contains(pred, ref):
+        if len(pred.split()) > SHORT_PREDICTION_WORDS or not _contains(pred, ref):
             return False
         others = [normalize_answer(a) for a in meta.get("answers") or [] if normalize_answer(a) != ref]
         return not any(_contains(pred, other) for other in others)

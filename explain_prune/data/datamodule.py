@@ -18,7 +18,7 @@ import hashlib
 import logging
 import random
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -101,6 +101,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         even: bool = True,
+        epoch_fn: Callable[[], int] | None = None,
     ):
         if batch_size < 1 or bucket_batches < 1:
             raise InputError(f"batch_size and bucket_batches must be >= 1, got {batch_size}, {bucket_batches}")
@@ -112,14 +113,19 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.even = bool(even)
+        self.epoch_fn = epoch_fn
         self.sampler = _EpochHolder()
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
+    @property
+    def epoch(self) -> int:
+        return int(self.epoch_fn()) if self.epoch_fn is not None else self.sampler.epoch
+
     def _all_batches(self) -> list[list[int]]:
         order = list(range(len(self.lengths)))
-        rng = random.Random(self.seed * 1_000_003 + self.sampler.epoch)
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
         if self.shuffle:
             rng.shuffle(order)
         bucket = self.batch_size * self.bucket_batches
@@ -140,7 +146,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._mine())
+        # a generator: the epoch is read when the first batch is drawn, not when iter() is called
+        yield from self._mine()
 
     def __len__(self) -> int:
         return len(self._mine())
@@ -252,6 +259,14 @@ class RelevanceDataModule(L.LightningDataModule):
             return 0, 1
         return int(trainer.global_rank), int(trainer.world_size)
 
+    def _epoch(self) -> int:
+        """The fit loop's epoch counter (restored from a checkpoint before the first train iterator
+        is built, unlike the `set_epoch` call that comes after it on resume)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_progress.current.processed)
+
     def _loader(self, dataset: RelevanceDataset, train: bool) -> DataLoader:
         rank, world = self._rank_world()
         sampler = BucketBatchSampler(
@@ -263,6 +278,7 @@ class RelevanceDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             even=train,
+            epoch_fn=self._epoch if train and getattr(self, "trainer", None) is not None else None,
         )
         return DataLoader(
             dataset,

@@ -166,7 +166,9 @@ def build_cache(cfg: Any) -> Summary:
     def judge_correct(prediction: str, sample: Sample) -> bool | None:
         return None if sample.answer is None else is_correct(prediction, sample.answer, sample.meta)
 
-    with CacheWriter(cfg.cache_dir, meta, shard_id=cfg.shard_id, num_shards=cfg.num_shards) as writer:
+    with CacheWriter(
+        cfg.cache_dir, meta, shard_id=cfg.shard_id, num_shards=cfg.num_shards, shard_size=cfg.get("shard_size", 256)
+    ) as writer:
         total = len(source) if hasattr(source, "__len__") else None
         summary = collect(
             vlm, source, writer, settings, judge_correct, cfg.shard_id, cfg.num_shards,

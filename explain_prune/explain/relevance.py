@@ -77,8 +77,10 @@ def relevance(
     head_reduce: str = "grad",
     clamp: bool = True,
     batch_tokens: int = 1,
+    per_token: bool = False,
 ) -> torch.Tensor:
     """R_v [N_v]: mean over answer tokens of the relevance row at the visual positions (Eq. 1).
+    With per_token=True the rows themselves, [T, N_v].
 
     head_reduce="grad" is the paper's gradient-weighted rule; "mean" is the Table-5 ablation
     (plain head mean of A, no gradients).  batch_tokens > 1 runs that many answer tokens' backward
@@ -127,5 +129,5 @@ def relevance(
         finally:
             for handle in handles:
                 handle.remove()
-    visual = prompt.visual_index.to(rows.device)
-    return rows[:, visual].mean(0).cpu()
+    per_token_rows = rows[:, prompt.visual_index.to(rows.device)].cpu()
+    return per_token_rows if per_token else per_token_rows.mean(0)

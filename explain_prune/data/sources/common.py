@@ -66,9 +66,9 @@ class RowError(ValueError):
 # --- entries and the source base class ------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
-    """One annotation row, before any pixels are read."""
+    """One annotation row, before any pixels are read (`extra` may be shared between entries)."""
 
     id: str
     part: str  # selection unit of `balanced_per_part`

@@ -28,6 +28,7 @@ rows deterministically by `seed`; `limit` keeps the first n rows of the result.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -69,8 +70,8 @@ class InfinityMMSource(Source):
     ):
         path = resolve_root(root, self.name)
         files = annotation_paths(path, annotation, self.name)
-        entries = self._file_entries(path, files) if files else self._directory_entries(path)
         wanted = name_list(subsets, "data.subsets")
+        entries = self._file_entries(path, files) if files else self._directory_entries(path, wanted)
         if wanted is not None:
             parts = sorted({e.part for e in entries})
             unknown = sorted(set(wanted) - set(parts))
@@ -90,18 +91,35 @@ class InfinityMMSource(Source):
 
     # --- layouts ------------------------------------------------------------------------------
     @staticmethod
-    def _directory_entries(root: Path) -> list[Entry]:
-        files = sorted(root.rglob("*.json"), key=lambda p: p.relative_to(root).as_posix())
-        if not files:
+    def _directory_entries(root: Path, wanted: list[str] | None) -> list[Entry]:
+        """Every *.json under root (only under the `wanted` first-level folders when given, so the
+        other stage-4 folders are not even listed), in a fixed walk order: a directory's files
+        by name, then its sub-directories by name."""
+        if wanted is not None:
+            folders = sorted(d.name for d in root.iterdir() if d.is_dir())
+            unknown = sorted(set(wanted) - set(folders))
+            if unknown:
+                raise InputError(f"infinity_mm: unknown subset(s) {unknown}; subsets present: {folders}")
+            bases = [root / name for name in sorted(set(wanted))]
+        else:
+            bases = [root]
+        entries = []
+        for base in bases:
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    if not name.endswith(".json"):
+                        continue
+                    file = Path(dirpath, name)
+                    rel = file.relative_to(root)
+                    part = rel.parts[0] if len(rel.parts) > 1 else root.name
+                    entries.append(Entry(id=rel.with_suffix("").as_posix(), part=part, group=part,
+                                         where=rel.as_posix(), path=file))
+        if not entries:
             raise InputError(
                 f"infinity_mm: no per-sample *.json records under {root} (extract the stage-4 archives there, "
                 f"or set data.annotation to a LLaVA-style annotation file)"
             )
-        entries = []
-        for file in files:
-            rel = file.relative_to(root)
-            part = rel.parts[0] if len(rel.parts) > 1 else root.name
-            entries.append(Entry(id=rel.with_suffix("").as_posix(), part=part, group=part, where=rel.as_posix(), path=file))
         return entries
 
     @staticmethod
@@ -110,10 +128,11 @@ class InfinityMMSource(Source):
         for file in files:
             rows = read_rows(file)
             ids = record_ids([record for record, _ in rows], file.stem)
+            info = {"base": file.parent}
             for row, ((record, error), sid) in enumerate(zip(rows, ids)):
                 entries.append(Entry(
                     id=sid, part=file.stem, group=file.stem, where=f"{file.name} row {row}", record=record,
-                    error=error, extra={"base": file.parent},
+                    error=error, extra=info,
                 ))
         return entries
 

@@ -122,7 +122,8 @@ class LLaVAVideoSource(Source):
             unknown = sorted(set(wanted) - set(names))
             if unknown:
                 raise InputError(f"llava_video: unknown subset(s) {unknown}; present: {names}")
-            entries = [e for e in entries if set(wanted) & e.extra["names"]]
+            keep = set(wanted)
+            entries = [e for e in entries if keep & e.extra["names"]]
         options = {
             "annotation": [str(f) for f in explicit] if explicit else None,
             "files": [f.relative_to(path).as_posix() if f.is_relative_to(path) else str(f) for f in files],
@@ -157,19 +158,22 @@ class LLaVAVideoSource(Source):
             directory = file.parent.name if file.parent != root else file.stem
             rows = read_rows(file)
             ids = record_ids([record for record, _ in rows], file.stem)
+            shared: dict[tuple[str, str], dict[str, Any]] = {}  # one info dict per (data_source, task)
             for row, ((record, error), sid) in enumerate(zip(rows, ids)):
                 data_source = str((record or {}).get("data_source") or directory)
-                duration, source = split_data_source(data_source)
                 task = task_from_name or (infer_task(record) if record is not None else "oe")
-                group = group_of(source)
-                entries.append(Entry(
-                    id=sid, part=f"{data_source}/{task}", group=group, where=f"{file.name} row {row}",
-                    record=record, error=error,
-                    extra={
+                info = shared.get((data_source, task))
+                if info is None:
+                    duration, source = split_data_source(data_source)
+                    group = group_of(source)
+                    info = shared[(data_source, task)] = {
                         "task": task, "task_from_name": task_from_name is not None, "data_source": data_source,
-                        "duration": duration, "video_source": source, "dir": file.parent,
-                        "names": {group, data_source, source},
-                    },
+                        "duration": duration, "video_source": source, "group": group, "dir": file.parent,
+                        "part": f"{data_source}/{task}", "names": frozenset({group, data_source, source}),
+                    }
+                entries.append(Entry(
+                    id=sid, part=info["part"], group=info["group"], where=f"{file.name} row {row}",
+                    record=record, error=error, extra=info,
                 ))
         return entries
 

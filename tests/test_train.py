@@ -1,0 +1,187 @@
+"""explain_prune.train end to end on small planted caches (compose API in-process; the CLI in subprocesses)."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from safetensors.torch import load_file, save_file
+
+from explain_prune.compress.network import load_compressor
+from explain_prune.data.cache import CacheWriter, make_meta
+from explain_prune.data.planted import write_planted_cache
+from explain_prune.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+FAST = [
+    "torch_threads=1",
+    "datamodule.num_workers=0",
+    "datamodule.batch_size=32",
+    "compressor.net.channels=[16,16,16,16,16]",
+    "compressor.lr=1e-2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "logger=csv",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache_root")
+    write_planted_cache(root / "tiny_qwen2vl" / "synthetic" / "image", 320, 40, 80, shard_size=64)
+    return root
+
+
+def compose_cfg(cache_root: Path, out: Path, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[f"paths.cache_root={cache_root}", f"paths.log_dir={out}", f"paths.output_dir={out}", *FAST, *overrides],
+        )
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def train(cache_root: Path, out: Path, *overrides: str) -> dict:
+    threads = torch.get_num_threads()
+    try:
+        return run(compose_cfg(cache_root, out, list(overrides)), out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def four_epochs(cache_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run4")
+    return train(cache_root, out, "trainer.max_epochs=4")
+
+
+def test_training_beats_both_baselines(four_epochs, capsys):
+    r = four_epochs
+    kl = r["metrics"]["val/kl"]
+    assert kl < r["baselines"]["val/baseline/uniform_kl"]
+    assert kl < r["baselines"]["val/baseline/a0_kl"]
+    assert r["metrics"]["val/recall@10"] > r["baselines"]["val/baseline/a0_recall@10"]
+    for key in ("best_checkpoint", "last_checkpoint", "compressor", "metrics_csv", "results_json"):
+        assert Path(r[key]).is_file(), key
+    assert json.loads(Path(r["results_json"]).read_text())["metrics"]["val/kl"] == pytest.approx(kl)
+    # the exported f_θ is the best checkpoint's network, rebuilt from the file alone
+    net = load_compressor(r["compressor"])
+    ckpt = torch.load(r["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["ftheta"]["channels"] == [16] * 5
+    assert torch.equal(net.head.weight, ckpt["state_dict"]["net.head.weight"])
+
+
+def test_resume_continues(cache_root, four_epochs, tmp_path):
+    first = train(cache_root, tmp_path / "a", "trainer.max_epochs=2")
+    steps_per_epoch = first["global_step"] // 2
+    resumed = train(cache_root, tmp_path / "b", "trainer.max_epochs=4", f"ckpt_path={first['last_checkpoint']}")
+    assert resumed["global_step"] == 4 * steps_per_epoch == four_epochs["global_step"]
+    # same data order, optimizer state and weights: the same model as training 4 epochs straight
+    assert resumed["metrics"]["val/kl"] == pytest.approx(four_epochs["metrics"]["val/kl"], rel=1e-4, abs=1e-6)
+    lines = Path(resumed["metrics_csv"]).read_text().splitlines()
+    header = lines[0].split(",")
+    epochs = {int(float(row.split(",")[header.index("epoch")])) for row in lines[1:]}
+    assert epochs == {2, 3}
+
+
+def test_validate_on_longer_sequences(cache_root, four_epochs, tmp_path):
+    longer = tmp_path / "longer"
+    write_planted_cache(longer, 40, 200, 300, seed=7, data="synthetic_long")
+    r = train(
+        cache_root, tmp_path / "v", "validate_only=true", f"ckpt_path={four_epochs['best_checkpoint']}", f"+eval_cache={longer}"
+    )
+    assert r["val_samples"] == 40 and r["val_lengths"][0] >= 200
+    assert set(r["metrics"]) >= {"val/kl", "val/recall@10", "val/recall@25", "val/recall@50"}
+    assert r["metrics"]["val/kl"] < r["baselines"]["val/baseline/a0_kl"]  # generalises to longer inputs
+
+
+# ----------------------------------------------------------------------------- CLI (subprocess)
+
+
+def cli(*args: str, env_extra: dict | None = None, wait: bool = True):
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.update(env_extra or {})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "explain_prune.train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc.communicate(timeout=300) + (proc.returncode,) if wait else proc
+
+
+def test_cfg_job_prints_config():
+    out, err, rc = cli("--cfg", "job", "model=tiny_qwen2vl")
+    assert rc == 0, err
+    assert "compressor:" in out and "channels:" in out and "cache_dir:" in out
+
+
+def test_multirun_sweep_over_learning_rates(cache_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    out, err, rc = cli(
+        "-m",
+        "compressor.lr=1e-2,3e-2",
+        "trainer.max_epochs=1",
+        f"paths.cache_root={cache_root}",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.sweep.dir={sweep}",
+        *FAST[:4],
+    )
+    assert rc == 0, err[-2000:]
+    results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in (0, 1)]
+    assert [r["config"]["lr"] for r in results] == [0.01, 0.03]
+    assert all(Path(r["compressor"]).is_file() for r in results)
+
+
+def _nan_cache(directory: Path) -> None:
+    meta = make_meta("tiny_qwen2vl", "synthetic", "image")
+    with CacheWriter(directory, meta) as w:
+        for i in range(4):
+            w.add(f"x{i}", torch.rand(10) + 0.1, torch.rand(10))
+    index_path = directory / "index-part000of001.jsonl"
+    entries = [json.loads(x) for x in index_path.read_text().splitlines()]
+    shard = directory / entries[2]["shard"]
+    tensors = load_file(str(shard))
+    tensors["a0"][entries[2]["offset"] + 3] = float("nan")
+    save_file(tensors, str(shard))
+    digest = hashlib.sha256(shard.read_bytes()).hexdigest()
+    for e in entries:
+        e["shard_bytes"], e["shard_sha256"] = shard.stat().st_size, digest
+    index_path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+
+
+def test_bad_inputs_fail_with_one_line(tmp_path):
+    sub = "tiny_qwen2vl/synthetic/image"
+    roots = {name: tmp_path / name for name in ("missing", "other_model", "empty", "nan")}
+    with CacheWriter(roots["other_model"] / sub, make_meta("qwen2vl", "synthetic", "image")) as w:
+        w.add("a", torch.rand(5), torch.rand(5))
+    CacheWriter(roots["empty"] / sub, make_meta("tiny_qwen2vl", "synthetic", "image")).close()
+    _nan_cache(roots["nan"] / sub)
+    expected = {
+        "missing": "build it with: python -m explain_prune.generate model=tiny_qwen2vl data=synthetic modality=image",
+        "other_model": "model='qwen2vl' but model='tiny_qwen2vl' was asked",
+        "empty": "cache is empty",
+        "nan": "non-finite value (nan) in a0 of sample 'x2'",
+    }
+    procs = {
+        name: cli(f"paths.cache_root={root}", f"paths.log_dir={tmp_path / 'out'}", *FAST[:2], wait=False)
+        for name, root in roots.items()
+    }
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (name, err)
+        assert "Traceback" not in err, (name, err)
+        error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(error_lines) == 1, (name, err)
+        assert expected[name] in error_lines[0], (name, error_lines[0])
