@@ -83,8 +83,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         if eval_dirs is not None:
             raise InputError("eval_cache is only used with validate_only=true")
         results = pipeline.fit(cfg, ensure_cache(cfg), output_dir)
-    for line in pipeline.summary_lines(results):
-        print(line, flush=True)
+    if results.get("global_rank", 0) == 0:
+        for line in pipeline.summary_lines(results):
+            print(line, flush=True)
     return results
 
 

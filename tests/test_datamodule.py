@@ -65,6 +65,12 @@ def test_bucket_sampler_is_seeded_covers_everything_and_pads_little():
     assert len({len(x) for x in shares}) == 1
     flat = [i for share in shares for b in share for i in b]
     assert len(flat) == len(set(flat))
+    # validation (even=False) keeps every sample; no rank is left without a batch
+    val = [list(BucketBatchSampler(lengths[:5], 32, 16, shuffle=False, rank=r, world_size=4, even=False)) for r in range(4)]
+    assert sorted(i for share in val for b in share for i in b) == [0, 1, 2, 3, 4]
+    assert all(len(share) == 1 for share in val)
+    tiny = [list(BucketBatchSampler(lengths[:2], 32, 16, rank=r, world_size=3)) for r in range(3)]
+    assert all(len(share) == 1 for share in tiny)
 
 
 def test_collate_pads_and_masks():

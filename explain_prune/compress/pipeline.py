@@ -1,10 +1,13 @@
 """What `python -m explain_prune.train` does, as plain functions of the composed config.
 
-fit(cfg, cache_dirs): datamodule (validated before Lightning starts) -> CompressorModule -> Trainer.fit
+fit(cfg, cache_dirs): caches opened and verified -> datamodule -> CompressorModule -> Trainer.fit
   (resuming from cfg.ckpt_path) -> the best f_θ exported as <output_dir>/compressor.safetensors ->
   <output_dir>/results.json.
-validate(cfg, cache_dirs, eval_dirs): a checkpoint's f_θ on the held-out split, or on other caches
-  (e.g. longer sequences) -> the same metrics -> results.json.
+validate(cfg, cache_dirs, output_dir, eval_dirs): a checkpoint's f_θ on the held-out split, or on
+  other caches (e.g. longer sequences) -> the same metrics -> results.json.
+
+The caches are opened (and every bad input reported) before Lightning is imported, so a wrong
+command fails in about a second with one line.
 """
 
 from __future__ import annotations
@@ -13,23 +16,24 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import lightning as L
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from explain_prune.compress.module import CompressorModule, ExportCompressor
-from explain_prune.data.datamodule import RelevanceDataModule
+from explain_prune.data.cache import CacheReader
 from explain_prune.models.base import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import lightning as L
+
+    from explain_prune.data.datamodule import RelevanceDataModule
 
 log = logging.getLogger(__name__)
 
 
 def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
 def expect_meta(cfg: DictConfig, with_data: bool = True) -> dict[str, Any]:
@@ -41,23 +45,45 @@ def expect_meta(cfg: DictConfig, with_data: bool = True) -> dict[str, Any]:
     }
 
 
+def open_caches(dirs: Sequence[Any], expect: dict[str, Any], first_expect: dict[str, Any] | None = None) -> list[CacheReader]:
+    """One verified CacheReader per entry (a directory, or a list of part-directories)."""
+    readers = []
+    for i, entry in enumerate(dirs):
+        want = first_expect if (i == 0 and first_expect is not None) else expect
+        readers.append(CacheReader(list(entry) if isinstance(entry, (list, tuple)) else entry, want))
+    return readers
+
+
+def _number(cfg: DictConfig, key: str, positive: bool = True) -> float:
+    value = OmegaConf.select(cfg, key)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{key} must be a number, got {value!r}") from None
+    if positive and not number > 0:
+        raise InputError(f"{key} must be > 0, got {value!r}")
+    return number
+
+
 def build_datamodule(
-    cfg: DictConfig, cache_dirs: Sequence[Any], eval_dirs: Sequence[Any] | None = None
-) -> RelevanceDataModule:
-    dm_cfg = _plain(cfg.datamodule)
+    cfg: DictConfig, caches: Sequence[Any], eval_caches: Sequence[Any] | None = None
+) -> "RelevanceDataModule":
+    from explain_prune.data.datamodule import RelevanceDataModule
+
     return RelevanceDataModule(
-        cache_dirs=list(cache_dirs),
-        # the primary cache must be the selected data; extra caches only need model + modality
-        expect_meta=expect_meta(cfg, with_data=len(cache_dirs) == 1),
-        eval_dirs=None if eval_dirs is None else list(eval_dirs),
+        cache_dirs=list(caches),
+        expect_meta=expect_meta(cfg, with_data=False),
+        eval_dirs=None if eval_caches is None else list(eval_caches),
         eval_expect_meta={"model": cfg.model.name},
-        mask_ratio=float(cfg.compressor.mask_ratio),
+        mask_ratio=_number(cfg, "compressor.mask_ratio", positive=False),
         seed=int(cfg.seed),
-        **dm_cfg,
+        **_plain(cfg.datamodule),
     )
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
+    from hydra.utils import instantiate
+
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         if isinstance(node, DictConfig) and "_target_" in node:
@@ -67,11 +93,13 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return loggers
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
+def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> "L.Trainer":
+    from hydra.utils import instantiate
+
     return instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)
 
 
-def _metrics_file(trainer: L.Trainer) -> str | None:
+def _metrics_file(trainer: Any) -> str | None:
     for lg in trainer.loggers:
         if lg.__class__.__name__ == "CSVLogger" and lg.log_dir:
             return str(Path(lg.log_dir) / "metrics.csv")
@@ -99,15 +127,24 @@ def _check_ckpt(path: Any) -> str | None:
 
 def fit(cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path) -> dict[str, Any]:
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = _check_ckpt(cfg.get("ckpt_path"))
+    lr = _number(cfg, "compressor.lr")
+    # the primary cache must be the selected (model, data, modality); extra caches model + modality
+    caches = open_caches(cache_dirs, expect_meta(cfg, with_data=False), first_expect=expect_meta(cfg))
     _threads(cfg)
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from explain_prune.compress.module import CompressorModule, ExportCompressor
+
+    output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = build_datamodule(cfg, cache_dirs)
-    datamodule.setup("fit")  # bad caches fail here, before Lightning prints anything
+    datamodule = build_datamodule(cfg, caches)
+    datamodule.setup("fit")  # split / filter problems fail here, before the trainer starts
     module = CompressorModule(
         ftheta=_plain(cfg.compressor.net),
-        lr=float(cfg.compressor.lr),
+        lr=lr,
         overlap_ratios=list(cfg.compressor.overlap_ratios),
         cache_meta=datamodule.cache_meta,
     )
@@ -122,7 +159,16 @@ def fit(cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path) -> d
         save_last=bool(ck.save_last),
     )
     export = ExportCompressor(str(output_dir / "compressor.safetensors"))
-    trainer = build_trainer(cfg, output_dir, [checkpoint, export])
+    trainer = build_trainer(cfg, [checkpoint, export])
+    for lg in trainer.loggers:
+        lg.log_hyperparams(
+            {
+                "run": {"model": cfg.model.name, "data": cfg.data.name, "modality": cfg.modality.name,
+                        "cache_dirs": [str(d) for d in cache_dirs], "seed": int(cfg.seed)},
+                "datamodule": _plain(cfg.datamodule),
+                "compressor": _plain(cfg.compressor),
+            }
+        )
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     results = {
@@ -145,8 +191,10 @@ def fit(cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path) -> d
         "metrics_csv": _metrics_file(trainer),
         "resumed_from": ckpt_path,
         "config": _plain(cfg.compressor),
+        "global_rank": int(trainer.global_rank),
     }
-    results["results_json"] = str(_write_results(output_dir, results))
+    if trainer.is_global_zero:
+        results["results_json"] = str(_write_results(output_dir, results))
     return results
 
 
@@ -154,39 +202,49 @@ def validate(
     cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path, eval_dirs: Sequence[Any] | None = None
 ) -> dict[str, Any]:
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = _check_ckpt(cfg.get("ckpt_path"))
     if ckpt_path is None:
         raise InputError("validate_only=true needs ckpt_path=<a .ckpt written by explain_prune.train>")
+    if eval_dirs is not None:
+        caches: list[Any] = []
+        eval_caches: list[Any] | None = open_caches(eval_dirs, {"model": cfg.model.name})
+    else:
+        caches = open_caches(cache_dirs, expect_meta(cfg, with_data=False), first_expect=expect_meta(cfg))
+        eval_caches = None
     _threads(cfg)
+
+    from explain_prune.compress.module import CompressorModule
+
     try:
         module = CompressorModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-    except (KeyError, RuntimeError, TypeError) as err:
+    except (KeyError, RuntimeError, TypeError, ValueError) as err:
         raise InputError(f"not a compressor checkpoint: {ckpt_path} ({str(err).splitlines()[0]})") from None
     trained_model = (module.hparams.get("cache_meta") or {}).get("model")
     if trained_model and trained_model != cfg.model.name:
         raise InputError(
             f"checkpoint {ckpt_path} was trained on model={trained_model!r}, but model={cfg.model.name!r} is selected"
         )
-    datamodule = build_datamodule(cfg, cache_dirs, eval_dirs=eval_dirs)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    datamodule = build_datamodule(cfg, caches, eval_caches=eval_caches)
     datamodule.setup("validate")
-    trainer = build_trainer(cfg, output_dir, [])
+    trainer = build_trainer(cfg, [])
     trainer.validate(module, datamodule=datamodule, verbose=False)
+    lengths = datamodule.val_set.lengths if datamodule.val_set else []
     results = {
         "task": "validate",
         "model": cfg.model.name,
         "checkpoint": ckpt_path,
         "eval_dirs": None if eval_dirs is None else [str(d) for d in eval_dirs],
         "cache_dirs": None if eval_dirs is not None else [str(d) for d in cache_dirs],
-        "val_samples": len(datamodule.val_set or []),
-        "val_lengths": [min(datamodule.val_set.lengths), max(datamodule.val_set.lengths)]
-        if datamodule.val_set
-        else None,
+        "val_samples": len(lengths),
+        "val_lengths": [min(lengths), max(lengths)] if lengths else None,
         "metrics": dict(module.last_val),
         "baselines": dict(module.baselines),
         "metrics_csv": _metrics_file(trainer),
+        "global_rank": int(trainer.global_rank),
     }
-    results["results_json"] = str(_write_results(output_dir, results))
+    if trainer.is_global_zero:
+        results["results_json"] = str(_write_results(output_dir, results))
     return results
 
 
@@ -202,5 +260,4 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["fit", "validate", "build_datamodule", "build_trainer", "expect_meta", "summary_lines"]
-
+__all__ = ["fit", "validate", "open_caches", "build_datamodule", "build_trainer", "expect_meta", "summary_lines"]

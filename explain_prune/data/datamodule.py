@@ -7,8 +7,8 @@
 - Batches are length-bucketed: each epoch the training samples are shuffled (seed + epoch), cut
   into buckets of `bucket_batches * batch_size`, each bucket sorted by length and cut into batches,
   and the batches shuffled.  This keeps padding to a few percent while keeping batches random.
-- Under DDP the sampler shards batches itself (rank::world_size, equal counts for training), so
-  the trainer runs with `use_distributed_sampler=False`.
+- Under DDP the sampler shards samples itself (rank::world_size of the seeded order, equal counts
+  for training), so the trainer runs with `use_distributed_sampler=False`.
 - Collate pads to the longest sample and returns a dict with the mask and R_v* computed from R_v.
 """
 
@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from explain_prune.compress.labels import make_label
-from explain_prune.data.cache import CachedSample, CacheReader
+from explain_prune.data.cache import CachedSample, CacheReader, check_meta
 from explain_prune.models.base import InputError
 
 log = logging.getLogger(__name__)
@@ -123,11 +123,23 @@ class BucketBatchSampler(Sampler[list[int]]):
     def epoch(self) -> int:
         return int(self.epoch_fn()) if self.epoch_fn is not None else self.sampler.epoch
 
-    def _all_batches(self) -> list[list[int]]:
+    def _mine(self) -> list[list[int]]:
+        """This rank's batches for the current epoch.
+
+        The (seeded) sample order is the same on every rank; each rank takes every world_size-th
+        sample of it (for training first cut to a multiple of world_size, so all ranks run the same
+        number of steps; a rank never gets nothing), then buckets and batches its own samples.
+        """
         order = list(range(len(self.lengths)))
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         if self.shuffle:
             rng.shuffle(order)
+        if self.world_size > 1 and order:
+            if len(order) < self.world_size:
+                order = (order * self.world_size)[: self.world_size]
+            elif self.even:
+                order = order[: len(order) - len(order) % self.world_size]
+            order = order[self.rank :: self.world_size]
         bucket = self.batch_size * self.bucket_batches
         batches: list[list[int]] = []
         for start in range(0, len(order), bucket):
@@ -135,14 +147,6 @@ class BucketBatchSampler(Sampler[list[int]]):
             batches.extend(chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size))
         if self.shuffle:
             rng.shuffle(batches)
-        return batches
-
-    def _mine(self) -> list[list[int]]:
-        batches = self._all_batches()
-        if self.world_size > 1:
-            if self.even:
-                batches = batches[: len(batches) - len(batches) % self.world_size] or batches[: self.world_size]
-            batches = batches[self.rank :: self.world_size]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -165,7 +169,7 @@ class BucketBatchSampler(Sampler[list[int]]):
 class RelevanceDataModule(L.LightningDataModule):
     """Train/val (A_v^0, R_v*) batches from `cache_dirs` (+ optional `eval_dirs` for validation only).
 
-    cache_dirs: list of caches, each a directory or a list of part-directories.
+    cache_dirs: list of caches, each a directory, a list of part-directories, or an open CacheReader.
     expect_meta: identity every cache must have (model / modality; data=None allows several sources).
     eval_dirs: if given, validation uses *all* samples of these caches (e.g. longer sequences)
       instead of the held-out split.
@@ -209,14 +213,19 @@ class RelevanceDataModule(L.LightningDataModule):
 
     @staticmethod
     def _as_list(dirs: Any) -> list[Any]:
-        if isinstance(dirs, (str, Path)):
+        if isinstance(dirs, (str, Path, CacheReader)):
             return [dirs]
         return list(dirs)
 
     def _read(self, dirs: list[Any], expect: Mapping[str, Any]) -> list[CachedSample]:
         samples: list[CachedSample] = []
         for entry in dirs:
-            reader = CacheReader(entry, expect)
+            if isinstance(entry, CacheReader):  # already opened and verified by the caller
+                for meta, directory in zip(entry.metas, entry.dirs):
+                    check_meta(meta, expect, directory)
+                reader = entry
+            else:
+                reader = CacheReader(entry, expect)
             if not self.cache_meta:
                 self.cache_meta = {k: reader.meta.get(k) for k in ("model", "model_id", "data", "modality")}
             # App. B: drop the samples the MLLM answered wrongly (unknown correctness is kept)
