@@ -37,10 +37,15 @@ def _is_cache(directory: Path) -> bool:
 
 
 def ensure_cache(cfg: DictConfig) -> list[Any]:
-    """The cache directories this run reads; raise a one-line InputError naming the generate
-    command if the selected cache does not exist.  (Hook: this is where a missing default cache
-    can be built automatically.)"""
+    """The cache directories this run reads.  A missing cache is built on the spot when the data
+    config allows it (`auto_generate: true`, the small synthetic default), otherwise a one-line
+    InputError names the generate command to run."""
     primary = Path(str(cfg.cache_dir))
+    if not _is_cache(primary) and cfg.data.get("auto_generate", False):
+        from explain_prune.explain.collect import build_cache
+
+        print(f"no relevance cache at {primary}: building it first (data.auto_generate=true)")
+        print(build_cache(cfg).line())
     if not _is_cache(primary):
         command = [
             "python",

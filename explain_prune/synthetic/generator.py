@@ -60,6 +60,8 @@ class SyntheticConfig:
     max_objects: int = 4
     frames: int = 0  # 0: a single image; > 0: a video of that many frames (even)
     noise: int = 20  # background grey jitter (uniform +-noise around a per-image level)
+    scale: tuple[float, float] = (0.7, 0.9)  # object size / cell size, uniform in this range
+    jitter: int = 2  # max offset (pixels) of an object from the centre of its cell
     question_types: tuple[str, ...] = QUESTION_TYPES
 
     def __post_init__(self) -> None:
@@ -75,6 +77,11 @@ class SyntheticConfig:
             raise ValueError(f"frames must be 0 or an even number >= 4 (>= 2 temporal tokens), got {self.frames}")
         if not 0 <= self.noise <= 30:
             raise ValueError(f"noise must be in [0, 30] so objects stay separable, got {self.noise}")
+        lo, hi = self.scale
+        if not 0.3 <= lo <= hi <= 0.95:
+            raise ValueError(f"scale must satisfy 0.3 <= lo <= hi <= 0.95, got {self.scale}")
+        if self.jitter < 0 or 2 * self.jitter > (1 - hi) * self.cell_px:
+            raise ValueError(f"jitter {self.jitter} would push objects of scale {hi} out of a {self.cell_px}-px cell")
         unknown = set(self.question_types) - set(QUESTION_TYPES)
         if not self.question_types or unknown:
             raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {self.question_types}")
@@ -150,12 +157,11 @@ def _rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:
 
 def _place(cfg: SyntheticConfig, rng: np.random.Generator, color: str, shape: str, row: int, col: int,
            slots: tuple[int, ...]) -> SceneObject:
-    scale = float(rng.uniform(0.6, 0.85))
+    scale = float(rng.uniform(*cfg.scale))
     size = int(round(scale * cfg.cell_px))
-    margin = 2
-    free = max(0, cfg.cell_px - size - 2 * margin)
-    dy = margin + int(rng.integers(0, free + 1))
-    dx = margin + int(rng.integers(0, free + 1))
+    centre = (cfg.cell_px - size) // 2
+    dy = centre + int(rng.integers(-cfg.jitter, cfg.jitter + 1))
+    dx = centre + int(rng.integers(-cfg.jitter, cfg.jitter + 1))
     return SceneObject(color, shape, row, col, scale, dy, dx, slots)
 
 

@@ -27,7 +27,7 @@ from explain_prune.data.sources.llava_video import LLaVAVideoSource
 from explain_prune.data.sources.synthetic import SyntheticSource
 from explain_prune.models.base import InputError
 
-COMMON_KEYS = ("name", "source", "strict")
+COMMON_KEYS = ("name", "source", "strict", "auto_generate")
 SOURCE_KEYS: dict[str, tuple[str, ...]] = {
     "infinity_mm": ("root", "annotation", "subsets", "balanced_per_part", "group_totals", "limit", "seed"),
     "llava_video": ("root", "annotation", "subsets", "tasks", "balanced_per_part", "group_totals", "limit", "seed"),
