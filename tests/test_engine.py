@@ -68,7 +68,8 @@ def masked_reference_logits(vlm, prompt, keep, generated):
     allowed = (causal & live[None, :]) | torch.eye(length, dtype=torch.bool)
     mask = torch.zeros(1, 1, length, length, dtype=embeds.dtype).masked_fill(~allowed, torch.finfo(embeds.dtype).min)
     with torch.no_grad():
-        return vlm.model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask).logits[0].float()
+        logits = vlm.model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask).logits[0]
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)

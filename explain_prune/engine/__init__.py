@@ -27,10 +27,13 @@ def generate(
 ) -> Generation | list[Generation]:
     """Greedy generation with the method's prune plan (None = vanilla).
 
-    `method` is None, a `PrunePlan`, or a method object with `plan(vlm, prompt) -> PrunePlan`.
+    `method` is None, a `PrunePlan`, or a method object with `transform(vlm, prompt) -> prompt`
+    and `plan(vlm, prompt) -> PrunePlan` (explain_prune.methods.Method).
     A list of prompts runs as one left-padded batch and returns a list.
     """
     prompts = [prompt] if isinstance(prompt, VisualPrompt) else list(prompt)
+    if method is not None and not isinstance(method, PrunePlan):
+        prompts = [method.transform(vlm, p) for p in prompts]
     plans = [_plan_for(method, vlm, p) for p in prompts]
     results = run(vlm, prompts, plans, max_new_tokens, mode=mode, return_logits=return_logits)
     return results[0] if isinstance(prompt, VisualPrompt) else results

@@ -173,6 +173,11 @@ def _left_packed(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, valid
 
 
+def _logits(x: torch.Tensor) -> torch.Tensor:
+    """Logits in float32 at least (bf16 models), float64 kept (exactness tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _renumber(state: _Batch) -> None:
     if state.positions.dim() == 3:
         raise ValueError("renumber_positions is defined for 1-D RoPE models only (PDrop's original)")
@@ -223,7 +228,7 @@ def run(
         state.hidden = layer(state.hidden, attention_mask=mask, position_embeddings=cos_sin, past_key_values=cache, use_cache=True)
         key_live.append(state.live.clone())
     last_hidden = decoder.norm(state.hidden)
-    prefill_logits = decoder.lm_head(last_hidden if return_logits else last_hidden[:, -1:]).float()
+    prefill_logits = _logits(decoder.lm_head(last_hidden if return_logits else last_hidden[:, -1:]))
     next_logits = prefill_logits[:, -1]
     if is_cuda:
         torch.cuda.synchronize()
@@ -262,7 +267,7 @@ def run(
             key_live[i] = torch.cat([key_live[i], torch.ones(batch, 1, dtype=torch.bool, device=hidden.device)], 1)
             mask = _additive_mask(key_live[i], 1, hidden.dtype)
             hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, past_key_values=cache, use_cache=True)
-        next_logits = decoder.lm_head(decoder.norm(hidden))[:, -1].float()
+        next_logits = _logits(decoder.lm_head(decoder.norm(hidden))[:, -1])
     if is_cuda:
         torch.cuda.synchronize()
     decode_seconds = time.perf_counter() - start

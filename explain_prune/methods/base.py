@@ -100,6 +100,11 @@ class Method(abc.ABC):
         self.options: dict[str, Any] = {**self.defaults, **options}
 
     # --- what every method implements -------------------------------------------------------
+    def transform(self, vlm: VLM, prompt: VisualPrompt) -> VisualPrompt:
+        """The prompt the engine runs; identity except for methods that rewrite the visual tokens
+        before the LLM (VisionZip merges contextual tokens)."""
+        return prompt
+
     @abc.abstractmethod
     def plan(self, vlm: VLM, prompt: VisualPrompt) -> PrunePlan:
         """The per-sample prune plan (selectors keyed by layer)."""
