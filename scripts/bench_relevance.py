@@ -41,7 +41,9 @@ def main() -> None:
     parser.add_argument("--answer", type=int, default=4, help="answer tokens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="tiny_qwen2vl")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is stable on a shared 2-core box)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / f"{args.model}.yaml")
     side = int((args.tokens * 28 * 28) ** 0.5) // 28 * 28

@@ -70,6 +70,29 @@ def _fold(row: torch.Tensor, attention: torch.Tensor, grad: torch.Tensor | None,
     return row + update
 
 
+def _fold_row(row: torch.Tensor, attention: torch.Tensor, grad: torch.Tensor, clamp: bool, block: int = 128) -> torch.Tensor:
+    """`_fold` for one token's row [N], touching only the rows of Ā where `row` is non-zero (one
+    row at the top layer; never past the predicting position) in cache-sized blocks."""
+    heads = attention.shape[0]
+    support = row.nonzero().squeeze(-1)
+    if support.numel() == 0:
+        return row
+    update = torch.zeros_like(row)
+
+    def add(rows: torch.Tensor | slice) -> None:
+        weighted = grad[:, rows] * attention[:, rows]  # [H, b, N]
+        if clamp:
+            weighted.clamp_(min=0)
+        update.add_(torch.matmul(row[rows].to(weighted.dtype), weighted).sum(0).to(row.dtype))
+
+    if support.numel() <= block:
+        add(support)
+    else:
+        for start in range(0, int(support.max()) + 1, block):
+            add(slice(start, min(start + block, int(support.max()) + 1)))
+    return row + update / heads
+
+
 def relevance(
     vlm: VLM,
     prompt: VisualPrompt,
@@ -114,7 +137,7 @@ def relevance(
 
         def make_hook(layer: int):
             def hook(grad: torch.Tensor) -> None:
-                current["row"] = _fold(current["row"], maps[layer], grad[0].detach(), clamp)
+                current["row"] = _fold_row(current["row"], maps[layer], grad[0].detach(), clamp)
 
             return hook
 
