@@ -20,11 +20,35 @@ from PIL import Image
 from torch import nn
 
 
+
 class InputError(ValueError):
     """Bad user input (a missing file, an unreadable video, an empty question ...).
 
     Entry points print its one-line message and exit non-zero; bulk jobs count it as a skip.
     """
+
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise InputError(f"unknown dtype {name!r} (known: {', '.join(_DTYPES)})")
+    return _DTYPES[name]
+
+
+def load_image(image: Image.Image | str | Path) -> Image.Image:
+    """An RGB PIL image from a PIL image or a path; one-line InputError if unreadable."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise InputError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as err:  # PIL raises several types for corrupt files
+        raise InputError(f"unreadable image {path}: {type(err).__name__}") from None
 
 
 @dataclass
@@ -99,6 +123,18 @@ class DecoderParts:
     lm_head: nn.Module
     rotary_emb: nn.Module  # rotary_emb(x, position_ids) -> (cos, sin)
     config: Any  # the text config (hidden_size, num_attention_heads, ...)
+
+    @classmethod
+    def of(cls, text_model: nn.Module, lm_head: nn.Module) -> "DecoderParts":
+        """From a transformers text model (embed_tokens, layers, norm, rotary_emb, config)."""
+        return cls(
+            embed_tokens=text_model.embed_tokens,
+            layers=text_model.layers,
+            norm=text_model.norm,
+            lm_head=lm_head,
+            rotary_emb=text_model.rotary_emb,
+            config=text_model.config,
+        )
 
     @property
     def num_layers(self) -> int:

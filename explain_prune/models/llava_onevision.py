@@ -59,8 +59,9 @@ from explain_prune.models.base import (
     VisualPrompt,
     VLM,
     instruction_positions,
+    load_image,
+    torch_dtype,
 )
-from explain_prune.models.qwen2vl import load_image, torch_dtype
 from explain_prune.models.tiny import build_tokenizer
 
 # chat_template.json of llava-hf/llava-onevision-qwen2-{0.5b,7b,72b}-{si,ov}-hf (no default system
@@ -445,12 +446,4 @@ class LlavaOneVision(VLM):
 
     @property
     def decoder(self) -> DecoderParts:
-        lm = self.model.model.language_model
-        return DecoderParts(
-            embed_tokens=lm.embed_tokens,
-            layers=lm.layers,
-            norm=lm.norm,
-            lm_head=self.model.lm_head,
-            rotary_emb=lm.rotary_emb,
-            config=lm.config,
-        )
+        return DecoderParts.of(self.model.model.language_model, self.model.lm_head)

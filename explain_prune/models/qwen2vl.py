@@ -23,6 +23,8 @@ from explain_prune.data.video import read_frames
 from explain_prune.models.base import (
     DecoderParts,
     InputError,
+    load_image,
+    torch_dtype,
     Sample,
     VisualPrompt,
     VLM,
@@ -32,29 +34,6 @@ from explain_prune.models.tiny import build_tokenizer
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 ASSISTANT_OPEN = "<|im_end|>\n<|im_start|>assistant\n"  # closes the user turn, opens the answer
-
-_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise InputError(f"unknown dtype {name!r} (known: {', '.join(_DTYPES)})")
-    return _DTYPES[name]
-
-
-def load_image(image: Image.Image | str | Path) -> Image.Image:
-    """An RGB PIL image from a PIL image or a path; one-line InputError if unreadable."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise InputError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except Exception as err:  # PIL raises several types for corrupt files
-        raise InputError(f"unreadable image {path}: {type(err).__name__}") from None
-
 
 def tiny_qwen2vl_config(tiny: Mapping[str, Any], tokenizer: Any, attn_implementation: str) -> Qwen2VLConfig:
     ids = tokenizer.convert_tokens_to_ids
@@ -269,12 +248,4 @@ class Qwen2VL(VLM):
 
     @property
     def decoder(self) -> DecoderParts:
-        lm = self.model.model.language_model
-        return DecoderParts(
-            embed_tokens=lm.embed_tokens,
-            layers=lm.layers,
-            norm=lm.norm,
-            lm_head=self.model.lm_head,
-            rotary_emb=lm.rotary_emb,
-            config=lm.config,
-        )
+        return DecoderParts.of(self.model.model.language_model, self.model.lm_head)

@@ -58,8 +58,9 @@ from explain_prune.models.base import (
     VisualPrompt,
     VLM,
     instruction_positions,
+    load_image,
+    torch_dtype,
 )
-from explain_prune.models.qwen2vl import load_image, torch_dtype
 from explain_prune.models.tiny import build_tokenizer
 
 # llava/conversation.py, llama_3_chat (sep "<|eot_id|>"; the system text is VILA's, verbatim).
