@@ -8,6 +8,9 @@ import sys
 from typing import Any, Callable
 
 from explain_prune.models.base import InputError
+from explain_prune.synthetic import register_resolvers
+
+register_resolvers()  # ${ep.asset:...} in conf/model/synthetic.yaml must resolve in every entry point
 
 log = logging.getLogger("explain_prune")
 

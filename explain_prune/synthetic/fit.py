@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -176,26 +177,38 @@ class Curriculum:
 
 
 class SyntheticStream(IterableDataset):
-    """Batches of fresh samples: batch b holds indices [b*B, (b+1)*B) of the training stream, with
-    the curriculum's current object bound.  Single-process (the curriculum lives in this process)."""
+    """Batches of fresh samples.  `streams` maps a name to (config, batch size); batch b comes from
+    stream `cycle[b % len(cycle)]` and holds that stream's next `batch_size` indices.  Stream k draws
+    from seed `seed + 7919 * k`, so streams never share scenes.  Object counts follow the curriculum:
+    the first stream's bound is `curriculum.current`, the others scale it to their own maximum.
+    Single-process (the curriculum is updated by the training step in this process)."""
 
-    def __init__(self, vlm: Any, base: SyntheticConfig, curriculum: Curriculum, seed: int, batch_size: int,
-                 video: SyntheticConfig | None = None, video_every: int = 0):
-        self.vlm, self.base, self.curriculum = vlm, base, curriculum
-        self.seed, self.batch_size = seed, batch_size
-        self.video, self.video_every = video, video_every
+    def __init__(self, vlm: Any, streams: dict[str, tuple[SyntheticConfig, int]], cycle: Sequence[str],
+                 curriculum: Curriculum, seed: int):
+        unknown = set(cycle) - set(streams)
+        if not cycle or unknown:
+            raise InputError(f"data.cycle must name streams in {sorted(streams)}, got {list(cycle)}")
+        self.vlm, self.streams, self.cycle = vlm, streams, list(cycle)
+        self.curriculum, self.seed = curriculum, seed
+        self.names = list(streams)
+
+    def config_at(self, name: str) -> SyntheticConfig:
+        cfg = self.streams[name][0]
+        ref = self.streams[self.names[0]][0].max_objects
+        bound = min(cfg.max_objects, math.ceil(self.curriculum.current * cfg.max_objects / ref))
+        return replace(cfg, max_objects=bound, min_objects=min(cfg.min_objects, bound))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        done = {name: 0 for name in self.streams}
         b = 0
         while True:
-            is_video = self.video is not None and self.video_every > 0 and b % self.video_every == self.video_every - 1
-            base = self.video if is_video else self.base
-            cfg = replace(base, max_objects=min(self.curriculum.current, base.grid**2),
-                          min_objects=min(base.min_objects, self.curriculum.current))
-            # the video stream uses its own seed offset so image and video indices never collide
-            samples = generate(cfg, self.batch_size, seed=self.seed + (7919 if is_video else 0), start=b * self.batch_size)
-            yield encode_batch(self.vlm, samples)
+            name = self.cycle[b % len(self.cycle)]
+            batch_size = self.streams[name][1]
+            seed = self.seed + 7919 * self.names.index(name)
+            samples = generate(self.config_at(name), batch_size, seed=seed, start=done[name] * batch_size)
+            done[name] += 1
             b += 1
+            yield encode_batch(self.vlm, samples)
 
 
 # --- Lightning ---------------------------------------------------------------------------------
@@ -242,8 +255,9 @@ def _lightning_module(vlm: Any, curriculum: Curriculum, lr: float, weight_decay:
 
 def synthetic_config(node: Any) -> SyntheticConfig:
     d = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    if "question_types" in d:
-        d["question_types"] = tuple(d["question_types"])
+    for key in ("question_types", "scale"):
+        if key in d:
+            d[key] = tuple(d[key])
     return SyntheticConfig(**d)
 
 
@@ -285,8 +299,7 @@ def fit(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     n_params = sum(p.numel() for p in vlm.model.parameters())
     log.info("model: %.3f M parameters", n_params / 1e6)
 
-    train_cfg = synthetic_config(cfg.data.train)
-    video_cfg = synthetic_config(cfg.data.video) if cfg.data.get("video") and cfg.data.video_every else None
+    streams = {name: (synthetic_config(node.config), int(node.batch_size)) for name, node in cfg.data.streams.items()}
     cur = cfg.curriculum
     curriculum = Curriculum(int(cur.start), int(cur.stop), float(cur.threshold), int(cur.window), int(cur.min_steps))
     val_samples = generate(synthetic_config(cfg.data.val), int(cfg.data.val_n), seed=VAL_SEED)
@@ -294,8 +307,7 @@ def fit(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     steps = int(cfg.steps)
     module = _lightning_module(vlm, curriculum, float(cfg.lr), float(cfg.weight_decay), steps,
                                float(cfg.pct_start), val_samples, int(cfg.eval_every), curve, started)
-    stream = SyntheticStream(vlm, train_cfg, curriculum, int(cfg.seed), int(cfg.batch_size),
-                             video=video_cfg, video_every=int(cfg.data.video_every))
+    stream = SyntheticStream(vlm, streams, list(cfg.data.cycle), curriculum, int(cfg.seed))
     loader = DataLoader(stream, batch_size=None, num_workers=0)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -322,7 +334,6 @@ def fit(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         "command": " ".join(["python -m explain_prune.synthetic.fit", *overrides]),
         "seed": int(cfg.seed),
         "steps": steps,
-        "batch_size": int(cfg.batch_size),
         "lr": float(cfg.lr),
         "parameters": n_params,
         "train_seconds": round(train_seconds, 1),
