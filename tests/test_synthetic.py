@@ -224,14 +224,18 @@ def test_training_batches_match_the_adapter_prompt(random_vlm):
 
 def test_shipped_model_accuracy():
     """The committed weights load through build_vlm(conf/model/synthetic.yaml) and answer >= 90 %
-    of 64 held-out samples (chance 25 %); greedy decoding gives the answer word then stops."""
+    of 128 held-out samples with 2-6 objects (chance 25 %); greedy decoding gives the answer word
+    then stops."""
     from explain_prune.models import build_vlm
+    from explain_prune.models.tiny import build_tokenizer
     from explain_prune.synthetic.fit import TEST_SEED, accuracy
 
     cfg = synthetic_model_cfg()
     assert Path(cfg.pretrained) == MODEL_DIR
     vlm = build_vlm(cfg)
-    samples = generate(SMALL, 64, seed=TEST_SEED)
+    assert vlm.tokenizer.get_vocab() == build_tokenizer().get_vocab()
+    assert vlm.decoder.num_layers == cfg.llm.num_layers and vlm.decoder.head_dim == cfg.llm.head_dim
+    samples = generate(SMALL, 128, seed=TEST_SEED)
     correct = accuracy(vlm, samples)
     assert sum(correct) / len(correct) >= 0.9
     for s in samples[:4]:

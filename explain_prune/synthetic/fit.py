@@ -176,37 +176,46 @@ class Curriculum:
         return sum(self._recent) / len(self._recent) if self._recent else float("nan")
 
 
-class SyntheticStream(IterableDataset):
-    """Batches of fresh samples.  `streams` maps a name to (config, batch size); batch b comes from
-    stream `cycle[b % len(cycle)]` and holds that stream's next `batch_size` indices.  Stream k draws
-    from seed `seed + 7919 * k`, so streams never share scenes.  Object counts follow the curriculum:
-    the first stream's bound is `curriculum.current`, the others scale it to their own maximum.
-    Single-process (the curriculum is updated by the training step in this process)."""
+@dataclass(frozen=True)
+class Stream:
+    config: SyntheticConfig
+    batch_size: int
+    from_level: int = 0  # used once the curriculum's object bound reaches this level
 
-    def __init__(self, vlm: Any, streams: dict[str, tuple[SyntheticConfig, int]], cycle: Sequence[str],
-                 curriculum: Curriculum, seed: int):
+
+class SyntheticStream(IterableDataset):
+    """Batches of fresh samples.  Batch b comes from stream `cycle[b % len(cycle)]` (or from the
+    first stream while that one waits for its curriculum level) and holds that stream's next
+    `batch_size` indices.  Stream k draws from seed `seed + 7919 * k`, so streams never share
+    scenes.  Object counts follow the curriculum: the first stream's bound is `curriculum.current`,
+    the others scale it to their own maximum.  Single-process (the curriculum is updated by the
+    training step in this process)."""
+
+    def __init__(self, vlm: Any, streams: dict[str, Stream], cycle: Sequence[str], curriculum: Curriculum, seed: int):
         unknown = set(cycle) - set(streams)
         if not cycle or unknown:
             raise InputError(f"data.cycle must name streams in {sorted(streams)}, got {list(cycle)}")
         self.vlm, self.streams, self.cycle = vlm, streams, list(cycle)
         self.curriculum, self.seed = curriculum, seed
         self.names = list(streams)
+        self.counts = {name: 0 for name in streams}  # batches drawn per stream (reported)
 
     def config_at(self, name: str) -> SyntheticConfig:
-        cfg = self.streams[name][0]
-        ref = self.streams[self.names[0]][0].max_objects
+        cfg = self.streams[name].config
+        ref = self.streams[self.names[0]].config.max_objects
         bound = min(cfg.max_objects, math.ceil(self.curriculum.current * cfg.max_objects / ref))
         return replace(cfg, max_objects=bound, min_objects=min(cfg.min_objects, bound))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        done = {name: 0 for name in self.streams}
         b = 0
         while True:
             name = self.cycle[b % len(self.cycle)]
-            batch_size = self.streams[name][1]
+            if self.curriculum.current < self.streams[name].from_level:
+                name = self.names[0]
+            batch_size = self.streams[name].batch_size
             seed = self.seed + 7919 * self.names.index(name)
-            samples = generate(self.config_at(name), batch_size, seed=seed, start=done[name] * batch_size)
-            done[name] += 1
+            samples = generate(self.config_at(name), batch_size, seed=seed, start=self.counts[name] * batch_size)
+            self.counts[name] += 1
             b += 1
             yield encode_batch(self.vlm, samples)
 
@@ -299,7 +308,10 @@ def fit(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     n_params = sum(p.numel() for p in vlm.model.parameters())
     log.info("model: %.3f M parameters", n_params / 1e6)
 
-    streams = {name: (synthetic_config(node.config), int(node.batch_size)) for name, node in cfg.data.streams.items()}
+    streams = {
+        name: Stream(synthetic_config(node.config), int(node.batch_size), int(node.get("from_level", 0)))
+        for name, node in cfg.data.streams.items()
+    }
     cur = cfg.curriculum
     curriculum = Curriculum(int(cur.start), int(cur.stop), float(cur.threshold), int(cur.window), int(cur.min_steps))
     val_samples = generate(synthetic_config(cfg.data.val), int(cfg.data.val_n), seed=VAL_SEED)
@@ -341,6 +353,7 @@ def fit(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         "threads": int(cfg.threads),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
         "curriculum": curriculum.history,
+        "batches_per_stream": stream.counts,
         "train": OmegaConf.to_container(cfg.data, resolve=True),
         "heldout_seed": TEST_SEED,
         "heldout": heldout,
