@@ -8,10 +8,11 @@ project's Qwen2-VL adapter from that block (pretrained=null), and every training
 the adapter's own prompt text and pixel functions, so the saved model is loaded and prompted by the
 adapter unchanged.  Loss: cross-entropy on the answer word and the closing <|im_end|> only.
 
-Curriculum: training starts with few objects per image; the upper bound on objects grows by one
-whenever the running training accuracy at the current bound reaches `curriculum.threshold`.
-Training data are generated on the fly from (seed, step); held-out samples come from streams
-(`VAL_SEED`, `TEST_SEED`) that training never draws from.
+Curriculum: training starts with one object per image; the upper bound on objects grows by one
+whenever the running training accuracy at the current bound reaches `curriculum.threshold`.  Larger
+images (4x the visual tokens) join the batch cycle once the last level is reached.  Training data are
+generated on the fly (seeds `seed + 7919 * k` for stream k); held-out samples come from streams
+(`VAL_SEED`, `TEST_SEED`) that training never draws from.  Measured figures: docs/synthetic.md.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from explain_prune.cli import task
 from explain_prune.models.base import InputError, Sample
 from explain_prune.synthetic import register_resolvers
-from explain_prune.synthetic.generator import SyntheticConfig, generate, make_sample
+from explain_prune.synthetic.generator import SyntheticConfig, generate
 
 log = logging.getLogger("explain_prune.synthetic.fit")
 
@@ -126,18 +127,25 @@ def first_token_correct(logits: torch.Tensor, batch: dict[str, torch.Tensor]) ->
 
 
 @torch.no_grad()
-def accuracy(vlm: Any, samples: Sequence[Sample], batch_size: int = 32) -> list[bool]:
-    """Per-sample correctness of the greedy answer word (teacher-forced first token, which equals
-    greedy decoding's first step)."""
+def predict(vlm: Any, samples: Sequence[Sample], batch_size: int = 32) -> list[int]:
+    """The greedy first answer token of each sample (one batched teacher-forced forward; equals the
+    first step of greedy decoding)."""
     was_training = vlm.model.training
     vlm.model.eval()
-    out: list[bool] = []
+    out: list[int] = []
     for i in range(0, len(samples), batch_size):
         batch = encode_batch(vlm, samples[i : i + batch_size])
         batch = {k: v.to(vlm.device) for k, v in batch.items()}
-        out += first_token_correct(forward_logits(vlm.model, batch), batch).tolist()
+        logits = forward_logits(vlm.model, batch)
+        out += logits[torch.arange(logits.shape[0]), batch["answer_pos"]].argmax(-1).tolist()
     vlm.model.train(was_training)
     return out
+
+
+def accuracy(vlm: Any, samples: Sequence[Sample], batch_size: int = 32) -> list[bool]:
+    """Per-sample correctness of the greedy answer word."""
+    preds = predict(vlm, samples, batch_size)
+    return [vlm.tokenizer.convert_ids_to_tokens(p) == s.answer for p, s in zip(preds, samples)]
 
 
 # --- curriculum and the training stream ------------------------------------------------------
@@ -220,6 +228,10 @@ class SyntheticStream(IterableDataset):
             yield encode_batch(self.vlm, samples)
 
 
+def _round_or_none(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 4)
+
+
 # --- Lightning ---------------------------------------------------------------------------------
 def _lightning_module(vlm: Any, curriculum: Curriculum, lr: float, weight_decay: float, max_steps: int,
                       pct_start: float, val_samples: list[Sample], eval_every: int, curve: list[dict[str, Any]],
@@ -243,7 +255,7 @@ def _lightning_module(vlm: Any, curriculum: Curriculum, lr: float, weight_decay:
                     "step": step,
                     "seconds": round(time.time() - started, 1),
                     "loss": round(loss.item(), 4),
-                    "train_running_acc": round(curriculum.running_accuracy, 4),
+                    "train_running_acc": _round_or_none(curriculum.running_accuracy),
                     "max_objects": curriculum.current,
                     "val_acc": round(sum(acc) / len(acc), 4),
                     "lr": float(self.trainer.optimizers[0].param_groups[0]["lr"]),
@@ -270,10 +282,13 @@ def synthetic_config(node: Any) -> SyntheticConfig:
     return SyntheticConfig(**d)
 
 
-def evaluate_sets(vlm: Any, sets: dict[str, tuple[SyntheticConfig, int]], seed: int) -> dict[str, Any]:
-    """Accuracy on each named held-out set, overall and by number of objects."""
+def evaluate_sets(vlm: Any, sets: dict[str, tuple[SyntheticConfig, int, int]], seed: int) -> dict[str, Any]:
+    """Accuracy on each named held-out set (config, n, n_ablation), overall and by number of
+    objects, and the token ablation (metrics.token_ablation) on its first n_ablation samples."""
+    from explain_prune.synthetic.metrics import token_ablation
+
     report: dict[str, Any] = {}
-    for name, (cfg, n) in sets.items():
+    for name, (cfg, n, n_ablation) in sets.items():
         samples = generate(cfg, n, seed=seed)
         correct = accuracy(vlm, samples, batch_size=16 if cfg.frames or cfg.grid > 4 else 32)
         by_n: dict[int, list[bool]] = {}
@@ -287,6 +302,8 @@ def evaluate_sets(vlm: Any, sets: dict[str, tuple[SyntheticConfig, int]], seed: 
             "by_num_objects": {str(k): round(sum(v) / len(v), 4) for k, v in sorted(by_n.items())},
             "chance": samples[0].meta["chance"],
         }
+        if n_ablation:
+            report[name]["token_ablation"] = {"n": n_ablation, **token_ablation(vlm, samples[:n_ablation])}
         log.info("held-out %s: %s", name, json.dumps(report[name]))
     return report
 
@@ -299,6 +316,7 @@ def fit(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
 
     torch.set_num_threads(int(cfg.threads))
     started = time.time()
+    load_start = os.getloadavg()
     L.seed_everything(int(cfg.seed), workers=False, verbose=False)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=False)
     model_cfg["pretrained"] = None  # the random initial model from the `tiny` block
@@ -336,7 +354,10 @@ def fit(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     train_seconds = time.time() - started
 
     vlm.model.eval()
-    sets = {name: (synthetic_config(node.config), int(node.n)) for name, node in cfg.heldout.items()}
+    sets = {
+        name: (synthetic_config(node.config), int(node.n), int(node.get("ablation_n", 0)))
+        for name, node in cfg.heldout.items()
+    }
     heldout = evaluate_sets(vlm, sets, seed=TEST_SEED)
     out_dir = Path(str(cfg.out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -351,6 +372,8 @@ def fit(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 1),
         "wall_seconds": round(time.time() - started, 1),
         "threads": int(cfg.threads),
+        "load_average_1_5_15_min": {"start": [round(x, 2) for x in load_start],
+                                    "end": [round(x, 2) for x in os.getloadavg()]},
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
         "curriculum": curriculum.history,
         "batches_per_stream": stream.counts,

@@ -20,7 +20,7 @@ the same pixels, question and answer.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -125,7 +125,6 @@ class Scene:
     answer: str
     level: int  # background grey level
     noise_seed: int  # seed of the pixel noise
-    meta: dict = field(default_factory=dict)
 
 
 # --- the oracle -------------------------------------------------------------------------------
