@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from explain_prune.cli import task
+from explain_prune.data.cache import write_json_atomic
 from explain_prune.explain.collect import build_cache
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> None:
     summary = build_cache(cfg)
     out = Path(cfg.cache_dir) / f"summary-part{int(cfg.shard_id):03d}of{int(cfg.num_shards):03d}.json"
-    out.write_text(json.dumps(summary.as_dict(), indent=2))
+    write_json_atomic(out, summary.as_dict())
     print(summary.line())
     print(f"cache: {cfg.cache_dir}")
 

@@ -150,8 +150,7 @@ def test_generate_shards_are_disjoint_and_complete(tmp_path):
 
 
 def test_generate_skips_bad_samples_or_fails_when_strict(tmp_path):
-    # a video generator config asked of an image-only grid: the generator rejects nothing, so use a
-    # source whose samples the adapter refuses: the synthetic source with an empty question type
+    # an Infinity-MM-format annotation with one good row and one whose image file is missing
     bad = tmp_path / "ann.json"
     image = tmp_path / "img.png"
     random_image(0).save(image)

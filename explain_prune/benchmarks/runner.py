@@ -21,8 +21,9 @@ from tqdm import tqdm
 
 from explain_prune import flops as flops_lib
 from explain_prune.benchmarks.base import Benchmark, Record, SampleError
+from explain_prune.data.cache import write_json_atomic
 from explain_prune.engine import generate
-from explain_prune.models.base import InputError, Sample, VLM
+from explain_prune.models.base import InputError, VLM
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,6 @@ TIMING_FIELDS = ("prefill_seconds", "decode_seconds")
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class PredictionLog:

@@ -122,7 +122,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temp name, fsync, rename: readers see the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as fh:
         json.dump(obj, fh, indent=1, sort_keys=True, default=str)
@@ -242,7 +243,7 @@ class CacheWriter:
             expect = {k: self.meta.get(k) for k in (*IDENTITY_FIELDS, "config_hash")}
             check_meta(existing, expect, self.directory)
         else:
-            _write_json_atomic(path, self.meta)
+            write_json_atomic(path, self.meta)
 
     def _own_shards(self) -> dict[str, Path]:
         return {

@@ -7,7 +7,6 @@ every run, process and batch composition.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 import torch
 

@@ -51,6 +51,14 @@ def load_image(image: Image.Image | str | Path) -> Image.Image:
         raise InputError(f"unreadable image {path}: {type(err).__name__}") from None
 
 
+def checkpoint_path(cfg: Any) -> str:
+    """`cfg.pretrained` as given: a hub id, or a local directory that must exist (one-line error)."""
+    path = str(cfg["pretrained"])
+    if path.startswith((".", "/")) and not Path(path).is_dir():
+        raise InputError(f"model {cfg.get('name')}: checkpoint directory not found: {path}")
+    return path
+
+
 @dataclass
 class Sample:
     """One visual question.

@@ -55,6 +55,7 @@ from explain_prune.data.video import read_frames
 from explain_prune.models.base import (
     DecoderParts,
     InputError,
+    checkpoint_path,
     Sample,
     VisualPrompt,
     VLM,
@@ -235,9 +236,7 @@ class LlavaOneVision(VLM):
         image_cfg, video_cfg = cfg.get("image") or {}, cfg.get("video") or {}
         video_settings: dict[str, Any] = {}
         if cfg.get("pretrained"):
-            path = str(cfg["pretrained"])
-            if path.startswith((".", "/")) and not Path(path).is_dir():
-                raise InputError(f"model {name}: checkpoint directory not found: {path}")
+            path = checkpoint_path(cfg)
             try:
                 model = LlavaOnevisionForConditionalGeneration.from_pretrained(
                     path, dtype=dtype, attn_implementation=attn

@@ -9,7 +9,6 @@ with the temporal patch layout of `Qwen2VLVideoProcessor`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -23,6 +22,7 @@ from explain_prune.data.video import read_frames
 from explain_prune.models.base import (
     DecoderParts,
     InputError,
+    checkpoint_path,
     load_image,
     torch_dtype,
     Sample,
@@ -107,9 +107,7 @@ class Qwen2VL(VLM):
         attn = cfg.get("attn_implementation", "sdpa")
         image_cfg, video_cfg = cfg.get("image", {}), cfg.get("video", {})
         if cfg.get("pretrained"):
-            path = str(cfg["pretrained"])
-            if path.startswith((".", "/")) and not Path(path).is_dir():
-                raise InputError(f"model {cfg.get('name')}: checkpoint directory not found: {path}")
+            path = checkpoint_path(cfg)
             try:
                 model = Qwen2VLForConditionalGeneration.from_pretrained(
                     path, dtype=dtype, attn_implementation=attn, trust_remote_code=bool(cfg.get("trust_remote_code", False))
