@@ -72,24 +72,27 @@ def _fold(row: torch.Tensor, attention: torch.Tensor, grad: torch.Tensor | None,
 
 def _fold_row(row: torch.Tensor, attention: torch.Tensor, grad: torch.Tensor, clamp: bool, block: int = 128) -> torch.Tensor:
     """`_fold` for one token's row [N], touching only the rows of Ā where `row` is non-zero (one
-    row at the top layer; never past the predicting position) in cache-sized blocks."""
+    row at the top layer; never past the predicting position) in cache-sized blocks, and in each
+    block only the columns a causal map can fill (keys up to the block's last query)."""
     heads = attention.shape[0]
     support = row.nonzero().squeeze(-1)
     if support.numel() == 0:
         return row
     update = torch.zeros_like(row)
 
-    def add(rows: torch.Tensor | slice) -> None:
-        weighted = grad[:, rows] * attention[:, rows]  # [H, b, N]
+    def add(rows: torch.Tensor | slice, end: int) -> None:
+        weighted = grad[:, rows, :end] * attention[:, rows, :end]  # [H, b, end]
         if clamp:
             weighted.clamp_(min=0)
-        update.add_(torch.matmul(row[rows].to(weighted.dtype), weighted).sum(0).to(row.dtype))
+        update[:end].add_(torch.matmul(row[rows].to(weighted.dtype), weighted).sum(0).to(row.dtype))
 
+    last = int(support.max()) + 1
     if support.numel() <= block:
-        add(support)
+        add(support, last)
     else:
-        for start in range(0, int(support.max()) + 1, block):
-            add(slice(start, min(start + block, int(support.max()) + 1)))
+        for start in range(0, last, block):
+            stop = min(start + block, last)
+            add(slice(start, stop), stop)
     return row + update / heads
 
 
