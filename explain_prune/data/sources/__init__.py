@@ -18,7 +18,8 @@ docs/data.md for the formats and how to point the configs at real downloads.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from explain_prune.benchmarks.base import SampleError
 from explain_prune.data.sources.common import Source
@@ -73,9 +74,9 @@ def build_source(data_cfg: Any) -> Any:
 
 
 __all__ = [
+    "SOURCES",
     "InfinityMMSource",
     "LLaVAVideoSource",
-    "SOURCES",
     "SampleError",
     "Source",
     "SyntheticSource",

@@ -39,9 +39,10 @@ import logging
 import random
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -182,6 +183,22 @@ def totals_mapping(value: Any, what: str) -> dict[str, int] | None:
 def apply_limit(entries: list[Entry], limit: Any) -> list[Entry]:
     n = positive_int(limit, "data.limit")
     return entries if n is None else entries[:n]
+
+
+def select(
+    entries: list[Entry], balanced_per_part: Any, group_totals: Any, limit: Any, seed: Any
+) -> tuple[list[Entry], dict[str, Any]]:
+    """The selection every annotated source shares: `balanced_per_part` or `group_totals` (drawn by
+    `seed`, see `select_entries`), then the first `limit`.  Returns the kept entries and the
+    validated options, which `Source.describe` reports."""
+    options = {
+        "balanced_per_part": positive_int(balanced_per_part, "data.balanced_per_part"),
+        "group_totals": totals_mapping(group_totals, "data.group_totals"),
+        "limit": positive_int(limit, "data.limit"),
+        "seed": int(seed),
+    }
+    kept = select_entries(entries, options["seed"], options["balanced_per_part"], options["group_totals"])
+    return apply_limit(kept, options["limit"]), options
 
 
 # --- annotation files ---------------------------------------------------------------------------

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -41,16 +42,13 @@ from explain_prune.data.sources.common import (
     Source,
     annotation_paths,
     answer_meta,
-    apply_limit,
     first_turn,
     name_list,
     open_image,
-    positive_int,
     read_rows,
     record_ids,
     resolve_root,
-    select_entries,
-    totals_mapping,
+    select,
 )
 from explain_prune.models.base import InputError, Sample
 
@@ -78,16 +76,9 @@ class InfinityMMSource(Source):
             if unknown:
                 raise InputError(f"infinity_mm: unknown subset(s) {unknown}; subsets present: {parts}")
             entries = [e for e in entries if e.part in wanted]
-        options = {
-            "annotation": [str(f) for f in files] if files else None,
-            "subsets": wanted,
-            "balanced_per_part": positive_int(balanced_per_part, "data.balanced_per_part"),
-            "group_totals": totals_mapping(group_totals, "data.group_totals"),
-            "limit": positive_int(limit, "data.limit"),
-            "seed": int(seed),
-        }
-        entries = select_entries(entries, int(seed), options["balanced_per_part"], options["group_totals"])
-        super().__init__(path, apply_limit(entries, limit), options)
+        entries, selection = select(entries, balanced_per_part, group_totals, limit, seed)
+        options = {"annotation": [str(f) for f in files] if files else None, "subsets": wanted, **selection}
+        super().__init__(path, entries, options)
 
     # --- layouts ------------------------------------------------------------------------------
     @staticmethod

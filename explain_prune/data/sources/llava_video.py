@@ -35,8 +35,9 @@ A. ...\\n..."}, {"from": "gpt", "value": "E. training."}], "data_source": "0_30_
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from explain_prune.data.sources.common import (
     ANNOTATION_SUFFIXES,
@@ -45,16 +46,13 @@ from explain_prune.data.sources.common import (
     Source,
     annotation_paths,
     answer_meta,
-    apply_limit,
     first_existing,
     first_turn,
     name_list,
-    positive_int,
     read_rows,
     record_ids,
     resolve_root,
-    select_entries,
-    totals_mapping,
+    select,
 )
 from explain_prune.models.base import InputError, Sample
 
@@ -124,18 +122,15 @@ class LLaVAVideoSource(Source):
                 raise InputError(f"llava_video: unknown subset(s) {unknown}; present: {names}")
             keep = set(wanted)
             entries = [e for e in entries if keep & e.extra["names"]]
+        entries, selection = select(entries, balanced_per_part, group_totals, limit, seed)
         options = {
             "annotation": [str(f) for f in explicit] if explicit else None,
             "files": [f.relative_to(path).as_posix() if f.is_relative_to(path) else str(f) for f in files],
             "subsets": wanted,
             "tasks": task_list,
-            "balanced_per_part": positive_int(balanced_per_part, "data.balanced_per_part"),
-            "group_totals": totals_mapping(group_totals, "data.group_totals"),
-            "limit": positive_int(limit, "data.limit"),
-            "seed": int(seed),
+            **selection,
         }
-        entries = select_entries(entries, int(seed), options["balanced_per_part"], options["group_totals"])
-        super().__init__(path, apply_limit(entries, limit), options)
+        super().__init__(path, entries, options)
 
     @staticmethod
     def _scan(root: Path, tasks: list[str]) -> list[Path]:
@@ -218,4 +213,4 @@ class LLaVAVideoSource(Source):
         return found
 
 
-__all__ = ["LLaVAVideoSource", "TASKS", "file_task", "group_of", "split_data_source"]
+__all__ = ["TASKS", "LLaVAVideoSource", "file_task", "group_of", "split_data_source"]

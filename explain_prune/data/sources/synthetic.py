@@ -11,7 +11,8 @@ videos; use it with modality=video), noise, question_types.  Every sample has a 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from explain_prune.models.base import InputError, Sample
 from explain_prune.synthetic.generator import SyntheticConfig, make_sample
