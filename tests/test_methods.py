@@ -6,8 +6,7 @@
   analytic schedule `visual_tokens_per_layer` equals the engine's `kept_per_layer`;
 * rankings against independent references: ours / gae pick the top-k of f_θ(A_v^0) / R_v; FastV and
   PDrop's first stage rank by the attention map HF's eager forward returns; DART against a
-  set-based re-implementation over HF hidden states; VisionZip's vision attention reproduces the
-  vision block's own output;
+  set-based re-implementation over HF hidden states (VisionZip: tests/test_visionzip.py);
 * bad input (retention, unknown method / option, `ours` without a usable f_θ) is an InputError, and
   the flops CLI exits non-zero on it.
 """
@@ -32,12 +31,6 @@ from explain_prune.engine import generate
 from explain_prune.explain import first_layer_attention, relevance
 from explain_prune.methods import METHODS, build_method, keep_count
 from explain_prune.methods.pdrop import layer_averaged, search_layers
-from explain_prune.methods.visionzip import (
-    qwen2vl_capture_attention_input,
-    qwen2vl_vision_probs,
-    qwen2vl_vision_token_scores,
-    zip_tokens,
-)
 from explain_prune.models import InputError, Sample, build_vlm
 
 from helpers import ROOT, TINY_MODELS, model_cfg, random_image
@@ -329,80 +322,6 @@ def test_pdrop_schedule_derivation():
         build_method("pdrop", 0.5, layers=[2, 5, 10], lam=0.5).schedule(28)
     with pytest.raises(InputError, match="M-RoPE"):
         build_method("pdrop", 0.5, layers=[1, 2], renumber_positions=True).plan(tiny("tiny_qwen2vl"), prompts("tiny_qwen2vl")[0])
-
-
-# --- VisionZip ------------------------------------------------------------------------------------
-
-
-def test_visionzip_vision_attention_reproduces_the_block():
-    vlm = tiny("tiny_qwen2vl")
-    prompt = prompts("tiny_qwen2vl")[0]
-    attn, captured = qwen2vl_capture_attention_input(vlm, prompt, -2)
-    x = captured["x"]
-    seq = x.shape[0]
-    values = attn.qkv(x).reshape(seq, 3, attn.num_heads, -1)[:, 2]
-    mixed = torch.zeros_like(values)
-    received = torch.zeros(seq, dtype=torch.float64)
-    for start, end, head, probs in qwen2vl_vision_probs(attn, x, captured["cu_seqlens"], captured["position_embeddings"]):
-        mixed[start:end, head] = probs.to(values.dtype) @ values[start:end, head]
-        received[start:end] += probs.double().mean(0) / attn.num_heads
-    with torch.no_grad():
-        torch.testing.assert_close(attn.proj(mixed.reshape(seq, -1)), captured["out"], atol=1e-5, rtol=0)
-    scores, keys = qwen2vl_vision_token_scores(vlm, prompt, -2)
-    torch.testing.assert_close(scores.double(), received.view(-1, 4).mean(1), atol=1e-6, rtol=0)
-    assert keys.shape == (prompt.num_visual, x.shape[-1] // attn.num_heads)
-
-
-def test_zip_tokens_dominant_and_contextual():
-    torch.manual_seed(0)
-    scores, keys, embeds = torch.rand(20), torch.randn(20, 5), torch.randn(20, 3, dtype=torch.float64)
-    kept, new, targets = zip_tokens(scores, keys, embeds, dominant=6, contextual=2)
-    dominant = torch.argsort(-scores)[:6]
-    rest = [i for i in range(20) if i not in set(dominant.tolist())]  # 14 left, stride 7 -> targets rest[0], rest[7]
-    assert targets.tolist() == [rest[0], rest[7]]
-    assert kept.tolist() == sorted(dominant.tolist() + targets.tolist())
-    metric = F.normalize(keys, dim=-1)
-    others = [i for i in rest if i not in targets.tolist()]
-    for slot, target in enumerate(targets.tolist()):
-        members = [o for o in others if int((metric[o] @ metric[targets].T).argmax()) == slot]
-        expected = embeds[target] + (embeds[members].mean(0) if members else 0)
-        torch.testing.assert_close(new[kept.tolist().index(target)], expected)
-    for d in dominant.tolist():
-        assert torch.equal(new[kept.tolist().index(d)], embeds[d])
-
-
-def test_visionzip_prompt_equals_masked_full_sequence():
-    vlm = tiny("tiny_qwen2vl")
-    method = build_method("visionzip", 0.5)
-    with never_stop(vlm):
-        for prompt in prompts("tiny_qwen2vl"):
-            zipped = method.transform(vlm, prompt)
-            n, k = prompt.num_visual, keep_count(0.5, prompt.num_visual)
-            info = zipped.meta["visionzip"]
-            assert zipped.num_visual == k and info["num_visual_input"] == n and info["dominant"] == k - round(k * 10 / 64)
-            out = generate(vlm, prompt, method, max_new_tokens=6, return_logits=True)  # the engine zips it
-            assert out.kept_per_layer == method.visual_tokens_per_layer(n, vlm.decoder.num_layers)
-            # reference: the full sequence with the new embeddings in place and the dropped tokens masked
-            keep = torch.ones(prompt.length, dtype=torch.bool)
-            keep[prompt.visual_index] = False
-            keep[prompt.visual_index[info["kept"]]] = True
-            embeds = prompt.inputs_embeds.clone()
-            embeds[0, keep] = zipped.inputs_embeds[0]
-            chosen = out.step_logits.argmax(-1).tolist()[:-1]
-            ids = torch.tensor([chosen])
-            full = torch.cat([embeds, vlm.embed_text(ids).to(embeds.dtype)], 1)
-            positions = torch.cat([prompt.position_ids, prompt.next_positions(len(chosen))], -1)
-            live = torch.cat([keep, torch.ones(len(chosen), dtype=torch.bool)])
-            allowed = (torch.ones(live.numel(), live.numel(), dtype=torch.bool).tril() & live[None]) | torch.eye(live.numel(), dtype=torch.bool)
-            mask = torch.zeros(1, 1, *allowed.shape, dtype=full.dtype).masked_fill(~allowed, torch.finfo(full.dtype).min)
-            with torch.no_grad():
-                logits = vlm.model(inputs_embeds=full, position_ids=positions, attention_mask=mask).logits[0]
-            torch.testing.assert_close(out.prefill_logits, logits[: prompt.length][keep], atol=1e-9, rtol=0)
-            torch.testing.assert_close(out.step_logits, logits[prompt.length - 1 :], atol=1e-9, rtol=0)
-    with pytest.raises(InputError, match="transform"):
-        method.plan(vlm, prompts("tiny_qwen2vl")[0])
-    with pytest.raises(InputError, match="vision_token_scores"):
-        method.transform(tiny("tiny_llava_ov"), prompts("tiny_llava_ov")[0])
 
 
 # --- bad input ----------------------------------------------------------------------------------

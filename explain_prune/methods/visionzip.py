@@ -10,9 +10,15 @@ Text-agnostic, before the LLM.  Of the k = round(r * N_v) visual tokens that ent
 The vision encoders of Qwen2-VL and LLaVA-OV / VILA (SigLIP) have no [CLS] token, so the
 "[CLS] -> patch attention" score is replaced by the substitute the Qwen2-VL ports use
 (EffiVLM-Bench `qwen2vl_vision_tower_forward_visionzip`, LightCompress, VisPruner #1): the mean
-attention each patch *receives* (over heads and all query patches of its image / frame) at vision
-layer `vision_layer` (default -2, as VisionZip and EffiVLM), averaged over the patches that merge
-into one LLM token (Qwen2-VL's 2x2 PatchMerger).  The keys are pooled the same way.
+attention each patch *receives* (over heads and all query patches of its image / tile / frame) at
+vision block `vision_layer` (default -2, as VisionZip and EffiVLM), pooled onto the LLM tokens the
+way each family's projector pools the features (models/vision_attention.py; the adapters'
+`vision_token_scores`).  The keys are pooled the same way.
+
+The family-specific part is one adapter method, `vlm.vision_token_scores(prompt, layer) ->
+(scores [N_v], keys [N_v, d])`, aligned with `prompt.visual_index`.  A score of +inf marks a visual
+token that is not a vision patch (LLaVA-OV's newline tokens): it is ranked first, i.e. kept among
+the dominant tokens, as VisionZip keeps [CLS] inside its dominant count.
 
 Where the merge happens (deviation): the contextual merge is done on the LLM-input embeddings
 (after the projector / merger), not on the vision-tower features before the projector as in the
@@ -20,12 +26,8 @@ LLaVA original; kept tokens (and each contextual token, at its target's slot) ke
 positions (M-RoPE ids for Qwen2-VL), as LightCompress' Qwen2.5-VL port does.
 
 Because the contextual tokens have new embeddings, VisionZip rewrites the prompt instead of
-selecting inside the LLM: `transform(vlm, prompt)` returns the compressed `VisualPrompt`, and
-`plan` on a transformed prompt is the empty plan (`generate(vlm, vz.transform(vlm, p), vz)`).
-
-Vision-tower scores come from `vlm.vision_token_scores(prompt, layer)` when the adapter provides
-it ((scores [N_v], keys [N_v, d]) aligned with prompt.visual_index); for the Qwen2-VL family it is
-computed here from the vision tower and the prompt's pixels (`qwen2vl_vision_token_scores`).
+selecting inside the LLM: `generate(vlm, prompt, vz)` calls `vz.transform(vlm, prompt)`, which
+returns the compressed `VisualPrompt`, and `plan` on it only records the kept tokens.
 """
 
 from __future__ import annotations
@@ -43,91 +45,21 @@ from explain_prune.models.base import InputError, VisualPrompt, VLM
 META_KEY = "visionzip"
 
 
-def qwen2vl_vision_probs(attn: torch.nn.Module, x: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings: Any):
-    """Yield (start, end, head, probs [n, n]) of a Qwen2-VL VisionAttention on its input x
-    (after norm1), one image / temporal patch chunk and one head at a time (memory n x n)."""
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
-
-    seq = x.shape[0]
-    q, k, _ = attn.qkv(x).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [seq, H, hd]
-    cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qs, ks = q[start:end].float().transpose(0, 1), k[start:end].float().transpose(0, 1)  # [H, n, hd]
-        for h in range(qs.shape[0]):
-            yield start, end, h, torch.softmax(qs[h] @ ks[h].T * attn.scaling, dim=-1)
-
-
-def qwen2vl_capture_attention_input(vlm: VLM, prompt: VisualPrompt, layer: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Run the vision tower on the prompt's pixels; return vision block `layer`'s attention module
-    and what it received (x after norm1, cu_seqlens, position_embeddings) and returned (out)."""
-    meta = prompt.meta
-    grid = meta.get("image_grid_thw", meta.get("video_grid_thw"))
-    pixels = meta.get("pixel_values")
-    if grid is None or pixels is None:
-        raise InputError(f"sample {prompt.sample_id!r}: the prompt carries no pixel_values / grid for VisionZip")
-    visual = vlm.model.model.visual
-    blocks = visual.blocks
-    if not -len(blocks) <= layer < len(blocks):
-        raise InputError(f"visionzip: vision_layer {layer} outside a {len(blocks)}-block vision tower")
-    attn = blocks[layer].attn
-    captured: dict[str, Any] = {}
-
-    def pre_hook(module, args, kwargs):
-        captured["x"] = args[0] if args else kwargs["hidden_states"]
-        captured["cu_seqlens"] = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
-        captured["position_embeddings"] = kwargs.get("position_embeddings")
-
-    def post_hook(module, args, output):
-        captured["out"] = output
-
-    handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True), attn.register_forward_hook(post_hook)]
-    try:
-        with torch.no_grad():
-            visual(pixels.to(device=vlm.device, dtype=visual.get_dtype()), grid_thw=grid.to(vlm.device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return attn, captured
-
-
-@torch.no_grad()
-def qwen2vl_vision_token_scores(vlm: VLM, prompt: VisualPrompt, layer: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean attention received [N_v], head-mean keys [N_v, head_dim]) at Qwen2-VL vision block
-    `layer`, each averaged over the spatial_merge_size**2 patches of one LLM visual token."""
-    attn, captured = qwen2vl_capture_attention_input(vlm, prompt, layer)
-    x = captured["x"]
-    seq = x.shape[0]
-    raw_keys = attn.qkv(x).reshape(seq, 3, attn.num_heads, -1)[:, 1].float().mean(1)  # pre-RoPE, head mean
-    received = torch.zeros(seq, dtype=torch.float32, device=x.device)
-    for start, end, _, probs in qwen2vl_vision_probs(attn, x, captured["cu_seqlens"], captured["position_embeddings"]):
-        received[start:end] += probs.mean(0) / attn.num_heads
-    group = vlm.model.model.visual.spatial_merge_size ** 2
-    scores = received.view(-1, group).mean(1)
-    keys = raw_keys.view(-1, group, raw_keys.shape[-1]).mean(1)
-    if scores.numel() != prompt.num_visual:
-        raise InputError(f"sample {prompt.sample_id!r}: {scores.numel()} vision groups for {prompt.num_visual} visual tokens")
-    return scores.cpu(), keys.cpu()
-
-
-FAMILY_SCORERS = {"qwen2vl": qwen2vl_vision_token_scores}
-
-
 def vision_token_scores(vlm: VLM, prompt: VisualPrompt, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's (scores [N_v], keys [N_v, d]), checked, in at least float32 (float64 models keep
+    their precision, so near-equal attention scores rank as the tower computed them)."""
     hook = getattr(vlm, "vision_token_scores", None)
-    if callable(hook):
-        scores, keys = hook(prompt, layer)
-    elif vlm.family in FAMILY_SCORERS:
-        scores, keys = FAMILY_SCORERS[vlm.family](vlm, prompt, layer)
-    else:
+    if not callable(hook):
         raise InputError(
-            f"visionzip needs vision-tower attention: the {vlm.family!r} adapter has no vision_token_scores(prompt, layer) "
-            f"(available for: {', '.join(sorted(FAMILY_SCORERS))})"
+            f"visionzip needs vision-tower attention: the {vlm.family!r} adapter has no vision_token_scores(prompt, layer)"
         )
+    scores, keys = hook(prompt, layer)
     if scores.shape != (prompt.num_visual,) or keys.dim() != 2 or keys.shape[0] != prompt.num_visual:
         raise ValueError(f"vision_token_scores returned shapes {tuple(scores.shape)}, {tuple(keys.shape)} for {prompt.num_visual} visual tokens")
-    return scores.float(), keys.float()
+    if bool(scores.isnan().any()) or bool(scores.eq(-torch.inf).any()) or not bool(keys.isfinite().all()):
+        raise ValueError("vision_token_scores returned NaN / -inf scores or non-finite keys")
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    return scores.to(dtype), keys.to(dtype)
 
 
 def split_budget(k: int, contextual_share: float) -> tuple[int, int]:
@@ -160,7 +92,7 @@ def zip_tokens(
         is_target[local_targets] = True
         others = rest[~is_target]
         if others.numel():
-            metric = F.normalize(keys.float(), dim=-1)
+            metric = F.normalize(keys, dim=-1)
             assign = (metric[others] @ metric[targets].T).argmax(dim=1)  # [n_others] -> target slot
             one_hot = F.one_hot(assign, contextual).to(embeds.dtype)  # [n_others, c]
             counts = one_hot.sum(0).clamp(min=1)[:, None]
