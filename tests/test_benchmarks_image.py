@@ -3,13 +3,9 @@ hand-made predictions against hand-computed scores (the arithmetic is in the com
 
 from __future__ import annotations
 
-import base64
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
@@ -20,31 +16,22 @@ from explain_prune.benchmarks.judge import JudgeReply
 from explain_prune.benchmarks.mmvet import grader_prompt, parse_grade, rule_grade
 from explain_prune.benchmarks.vlmeval_tsv import mcq_prompt, resolve_root
 from explain_prune.models.base import InputError, Sample
+from fixtures import (
+    BLUE,
+    CORRUPT_B64,
+    GREEN,
+    RED,
+    b64,
+    mme_rows,
+    mmvet_rows,
+    pope_rows,
+    seedbench_rows,
+    write_tsv,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 # --- fixture helpers ----------------------------------------------------------------------------
-
-
-def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (4, 4)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def b64(color: tuple[int, int, int], size: tuple[int, int] = (4, 4)) -> str:
-    return base64.b64encode(png_bytes(color, size)).decode("ascii")
-
-
-RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
-CORRUPT_B64 = "@@not*base64@@" * 8  # > 64 chars, so it is image data, not a row reference
-NOT_AN_IMAGE_B64 = base64.b64encode(b"this is not an image file at all, just text " * 3).decode("ascii")
-
-
-def write_tsv(path: Path, rows: list[dict]) -> Path:
-    """As VLMEvalKit dumps TSVs: pandas, tab-separated, every field quoted, NaN -> empty cell."""
-    pd.DataFrame(rows).to_csv(path, sep="\t", index=False, quoting=csv.QUOTE_ALL)
-    return path
 
 
 def color_of(img: Image.Image) -> tuple[int, int, int]:
@@ -62,28 +49,6 @@ def rec(sample_id, prediction, answer, **meta) -> Record:
 
 
 # --- the TSV reader (through MME, whose TSV uses row-index image reuse) --------------------------
-
-
-def mme_rows() -> list[dict]:
-    q = " Please answer yes or no."
-    return [
-        dict(index=1, image=b64(RED), image_path="existence/1.png", question="Is there a red square?" + q,
-             answer="Yes", category="existence"),
-        dict(index=2, image="1", image_path="existence/1.png", question="Is there a blue square?" + q,
-             answer="No", category="existence"),
-        dict(index=3, image=b64(GREEN, (5, 3)), image_path="code/3.png", question="Does the code print 3?" + q,
-             answer="yes", category="code_reasoning"),
-        dict(index=4, image="3", image_path="code/3.png", question="Does the code print 4?" + q,
-             answer="No", category="code_reasoning"),
-        dict(index=5, image=CORRUPT_B64, image_path="x/5.png", question="?" + q, answer="Yes", category="count"),
-        dict(index=6, image=NOT_AN_IMAGE_B64, image_path="x/6.png", question="?" + q, answer="No", category="count"),
-        dict(index=7, image=b64(BLUE), image_path="x/7.png", question="No answer row?" + q, answer=np.nan,
-             category="count"),
-        dict(index=8, image="999", image_path="x/8.png", question="Dangling reference?" + q, answer="No",
-             category="count"),
-        dict(index=9, image=b64(BLUE), image_path="x/9.png", question="Is it blue?" + q, answer="Maybe",
-             category="color"),
-    ]
 
 
 def test_mme_reader_reuse_errors_and_meta(tmp_path):
@@ -212,25 +177,14 @@ def test_mcq_prompt_chinese_instruction():
 
 
 def test_seedbench_reader(tmp_path):
-    write_tsv(tmp_path / "SEEDBench_IMG.tsv", [
-        dict(index=10, image=b64(RED), question="What is shown?", A="a square", B="a circle", C="a star",
-             D="a line", answer="A", category="Scene Understanding"),
-        dict(index=11, image="10", question="Which shape?", A="square", B="circle", C="star", D="line",
-             answer="A", category="Instance Identity"),
-    ])
+    write_tsv(tmp_path / "SEEDBench_IMG.tsv", seedbench_rows())
     samples, errors = split_items(list(build_benchmark("seedbench", tmp_path).load()))
     assert not errors and [s.meta["category"] for s in samples] == ["Scene Understanding", "Instance Identity"]
     assert samples[1].question.endswith("D. line\nPlease select the correct answer from the options above.")
 
 
 def test_pope_reader(tmp_path):
-    write_tsv(tmp_path / "POPE.tsv", [
-        dict(index=0, image=b64(RED), question="Is there a dog in the image?", answer="Yes",
-             category="adversarial,popular,random", image_path="COCO_1.jpg"),
-        dict(index=1, image="0", question="Is there a cat in the image?", answer="No", category="random",
-             image_path="COCO_1.jpg"),
-        dict(index=2, image=b64(RED), question="Is there a car in the image?", answer="No", category=np.nan),
-    ])
+    write_tsv(tmp_path / "POPE.tsv", pope_rows())
     samples, errors = split_items(list(build_benchmark("pope", tmp_path).load()))
     assert samples[0].question == "Is there a dog in the image? Please answer yes or no."
     assert samples[0].meta["splits"] == ["adversarial", "popular", "random"]
@@ -239,11 +193,7 @@ def test_pope_reader(tmp_path):
 
 
 def test_mmvet_reader(tmp_path):
-    write_tsv(tmp_path / "MMVet.tsv", [
-        dict(index="v0", image=b64(RED), question="What are the two numbers?", answer="3<AND>5",
-             category="ocr,math"),
-        dict(index="v1", image="v0", question="What is shown?", answer=np.nan, category="rec"),
-    ])
+    write_tsv(tmp_path / "MMVet.tsv", mmvet_rows())
     samples, errors = split_items(list(build_benchmark("mmvet", tmp_path).load()))
     assert samples[0].question == "What are the two numbers?" and samples[0].answer == "3<AND>5"
     assert samples[0].meta["category"] == "ocr,math"

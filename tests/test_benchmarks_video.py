@@ -7,7 +7,6 @@ checked on hand-made predictions against a score computed by hand in the comment
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -22,40 +21,27 @@ from explain_prune.benchmarks.activitynetqa import ActivityNetQA, parse_judgemen
 from explain_prune.benchmarks.base import Record
 from explain_prune.benchmarks.judge import FakeJudge, Judge, JudgeReply
 from explain_prune.benchmarks.mmbench_video import MMBenchVideo, parse_rating
-from explain_prune.benchmarks.mvbench import MVBench, mvbench_frame_indices
+from explain_prune.benchmarks.mvbench import MVBench
 from explain_prune.benchmarks.nextqa import NExTQAMC, NExTQAOE
 from explain_prune.benchmarks.videomme import VideoMME, extract_characters_regex
-from explain_prune.data.video import read_frames
+from explain_prune.data.video import frame_indices, read_frames, read_sample_frames
 from explain_prune.models.base import InputError, Sample
+from fixtures import (
+    gray_video,
+    level,
+    write_activitynet,
+    write_mmbench_video,
+    write_mvbench,
+    write_nextqa,
+    write_videomme,
+    write_wordnet,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO_BENCHMARKS = ("videomme", "mvbench", "mmbench_video", "nextqa_mc", "nextqa_oe", "activitynetqa")
 
 
-# --- fixture writers ------------------------------------------------------------------------------
-
-
-def level(i: int) -> int:
-    """Gray level of frame i in the fixture videos / frame folders."""
-    return 10 + 8 * i
-
-
-def gray_video(path: Path, num_frames: int = 10, fps: int = 4) -> Path:
-    """An mp4/mkv whose frame i is a flat gray image of level(i) (lossless H.264)."""
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        stream.options = {"crf": "0"}
-        for i in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), level(i), dtype=np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+# --- helpers -------------------------------------------------------------------------------------
 
 
 def levels(frames: list[Image.Image]) -> list[int]:
@@ -146,26 +132,6 @@ def test_missing_dataset_file_names_file_and_directory(tmp_path):
 
 # --- Video-MME ------------------------------------------------------------------------------------
 
-VIDEOMME_ROWS = [
-    # video_id, duration, domain, sub_category, videoID, question_id, task_type, question, answer
-    ("001", "short", "Knowledge", "Astronomy", "vid001", "001-1", "Counting Problem", "How many stars?", "B"),
-    ("002", "medium", "Film & Television", "Animation", "vid002", "002-1", "OCR Problems", "What is written?", "D"),
-    ("003", "long", "Knowledge", "Law", "vid003", "003-1", "Counting Problem", "How many judges?", "A"),
-]
-
-
-def write_videomme(root: Path) -> None:
-    rows = []
-    for vid, dur, dom, sub, video_id, qid, task, q, ans in VIDEOMME_ROWS:
-        rows.append(dict(video_id=vid, duration=dur, domain=dom, sub_category=sub, url="https://x/" + video_id,
-                         videoID=video_id, question_id=qid, task_type=task, question=q,
-                         options=np.array([f"{k}. option {k.lower()}" for k in "ABCD"], dtype=object), answer=ans))
-    (root / "videomme").mkdir(parents=True)
-    pd.DataFrame(rows).to_parquet(root / "videomme" / "test-00000-of-00001.parquet")
-    gray_video(root / "data" / "vid001.mp4", num_frames=10)
-    gray_video(root / "data" / "vid002.MP4", num_frames=10)  # lmms-eval also tries .MP4; vid003 is missing
-
-
 def test_videomme_parquet_reader_prompt_and_interior_frames(tmp_path):
     write_videomme(tmp_path)
     items = list(VideoMME(tmp_path, num_frames=4).load())
@@ -237,37 +203,67 @@ def test_videomme_scoring_by_hand():
 # --- MVBench --------------------------------------------------------------------------------------
 
 
-def write_mvbench(root: Path) -> None:
-    js = root / "json"
-    js.mkdir(parents=True)
-    json.dump([
-        {"video": "count1.mp4", "question": "How many times?", "candidates": ["1", "2", "3"], "answer": "2"},
-        {"video": "missing.mp4", "question": "How many?", "candidates": ["1", "2"], "answer": "1"},
-        {"video": "count1.mp4", "question": "Bad?", "candidates": ["1", "2"], "answer": "7"},
-    ], open(js / "action_count.json", "w"))
-    json.dump([
-        {"video": "seq1.mp4", "question": "What next?", "candidates": ["sit", "stand"], "answer": "stand",
-         "start": 0.5, "end": 2.0},
-    ], open(js / "action_sequence.json", "w"))
-    json.dump([
-        {"video": "clip1", "question": "Who talks?", "candidates": ["Ross", "Rachel", "Joey"], "answer": "Joey",
-         "start": 1.0, "end": 3.0},
-    ], open(js / "episodic_reasoning.json", "w"))
-    gray_video(root / "video" / "perception" / "videos" / "count1.mp4", num_frames=30)
-    gray_video(root / "video" / "star" / "Charades_v1_480" / "seq1.mp4", num_frames=12, fps=4)
-    frames = root / "video" / "tvqa" / "frames_fps3_hq" / "clip1"
-    frames.mkdir(parents=True)
-    for i in range(1, 13):  # 1-based %05d.jpg at 3 fps
-        Image.fromarray(np.full((16, 16, 3), level(i), dtype=np.uint8)).save(frames / f"{i:05d}.jpg", quality=100)
-
-
-def test_mvbench_frame_index_rule_by_hand():
-    # unbound, 30 frames (max_frame 29), n = 4: seg = 29/4 = 7.25;
-    # int(0 + 3.625 + round(7.25 i)) with round(0, 7.25, 14.5, 21.75) = 0, 7, 14 (half to even), 22 -> 3, 10, 17, 25
-    assert mvbench_frame_indices(4, 4.0, 29) == [3, 10, 17, 25]
+def test_frame_rules_by_hand():
+    # linspace = round(linspace(0, T-1, n)): T=10 -> 0, 3, 6, 9; T=6 -> 0, 1.67, 3.33, 5 -> 0, 2, 3, 5;
+    # T=4, n=3 -> 0, 1.5, 3 -> 0, 2 (half to even), 3
+    assert frame_indices(10, 4, "linspace") == [0, 3, 6, 9]
+    assert frame_indices(6, 4, "linspace") == [0, 2, 3, 5]
+    assert frame_indices(4, 3, "linspace") == [0, 2, 3]
+    # interior = int(i * (T/(n+1))): T=10, n=4 -> step 2 -> 2, 4, 6, 8. T=45, n=32: step = 45/33 =
+    # 1.3636363636363635 and 11 * step = 14.999999999999998 -> 14 (VLMEvalKit's float order; the exact
+    # int(11 * 45 / 33) would be 15), likewise 22 * step -> 29
+    assert frame_indices(10, 4, "interior") == [2, 4, 6, 8]
+    assert frame_indices(45, 32, "interior")[10] == 14 and frame_indices(45, 32, "interior")[21] == 29
+    # centers = VLMEvalKit MVBench get_index; unbound, 30 frames (last index 29), n = 4: seg = 29/4 = 7.25,
+    # int(3.625 + round(0, 7.25, 14.5, 21.75)) = int(3.625 + 0, 7, 14 (half to even), 22) -> 3, 10, 17, 25
+    # (segment centres of T/n frames, int(3.75 + 7.5 i), would give 3, 11, 18, 26)
+    assert frame_indices(30, 4, "centers") == [3, 10, 17, 25]
     # bound [1 s, 3 s] at 3 fps, frame folder of 12 (first index 1): s = max(1, 3) = 3, e = min(9, 12) = 9,
     # seg = 1.5: int(3.75 + round(0, 1.5, 3, 4.5)) = int(3.75 + 0, 2, 3, 4) -> 3, 5, 6, 7
-    assert mvbench_frame_indices(4, 3, 12, bound=(1.0, 3.0), first_idx=1) == [3, 5, 6, 7]
+    assert frame_indices(12, 4, "centers", fps=3, bound=(1.0, 3.0), first_idx=1) == [3, 5, 6, 7]
+    # 20 frames at 4 fps, bound [2 s, 4 s] -> frames [8, 16]: centers seg = 2 -> 9, 11, 13, 15;
+    # linspace(8, 16, 4) = 8, 10.67, 13.33, 16 -> 8, 11, 13, 16; interior step = 9/5 -> 8 + 1, 3, 5, 7
+    assert frame_indices(20, 4, "centers", fps=4, bound=(2.0, 4.0)) == [9, 11, 13, 15]
+    assert frame_indices(20, 4, "linspace", fps=4, bound=(2.0, 4.0)) == [8, 11, 13, 16]
+    assert frame_indices(20, 4, "interior", fps=4, bound=(2.0, 4.0)) == [9, 11, 13, 15]
+    # a bound reaching past either end is clipped to the video; one after its end holds no frame
+    assert frame_indices(20, 4, "centers", fps=4, bound=(-1.0, 100.0)) == frame_indices(20, 4, "centers")
+    with pytest.raises(InputError, match="holds no frame"):
+        frame_indices(20, 4, "centers", fps=4, bound=(10.0, 12.0))
+    with pytest.raises(InputError, match="frame rate"):
+        frame_indices(20, 4, "centers", bound=(1.0, 2.0))
+    with pytest.raises(InputError, match="unknown frame sampling rule"):
+        frame_indices(20, 4, "uniform")
+
+
+def test_frame_rules_stay_in_range_and_linspace_matches_qwen_vl_utils():
+    """Every index lies in the (clipped) range; linspace equals qwen-vl-utils'
+    torch.linspace(0, T-1, n).round()."""
+    import torch
+
+    for total in range(1, 200):
+        for n in (1, 2, 3, 4, 7, 8, 16, 32):
+            for rule in ("linspace", "interior", "centers"):
+                assert all(0 <= i < total for i in frame_indices(total, n, rule)), (total, n, rule)
+                bounded = frame_indices(total, n, rule, fps=4.0, bound=(total / 16, total / 8 + 0.5))
+                start, end = max(0, round(total / 4)), min(round(total / 2 + 2), total - 1)
+                assert all(start <= i <= end for i in bounded), (total, n, rule)
+            assert frame_indices(total, n, "linspace") == torch.linspace(0, total - 1, n).round().long().tolist()
+
+
+def test_read_sample_frames_applies_rule_and_clip_bounds(tmp_path):
+    video = gray_video(tmp_path / "v.mp4", num_frames=20, fps=4)  # 5 s; frame i has gray level(i)
+    bounded = read_sample_frames(video, 4, {"frame_sampling": "centers", "start": 2.0, "end": 4.0})
+    assert_levels(bounded, [9, 11, 13, 15])  # inside [2 s, 4 s] = frames 8..16 (see test_frame_rules_by_hand)
+    assert_levels(read_sample_frames(video, 4, {"frame_sampling": "centers"}), [2, 7, 12, 16])  # whole video
+    # no rule in the meta -> the model's default rule: linspace(0, 19, 4) -> 0, 6, 13, 19
+    assert_levels(read_sample_frames(video, 4, {}, "linspace"), [0, 6, 13, 19])
+    with pytest.raises(InputError, match="start and end"):
+        read_sample_frames(video, 4, {"start": 1.0})
+    with pytest.raises(InputError, match="end > start"):
+        read_sample_frames(video, 4, {"start": 3.0, "end": 1.0})
+    with pytest.raises(InputError, match="holds no frame"):
+        read_sample_frames(video, 4, {"start": 10.0, "end": 12.0})
 
 
 def test_mvbench_reader_bounds_frames_and_errors(tmp_path):
@@ -289,9 +285,10 @@ def test_mvbench_reader_bounds_frames_and_errors(tmp_path):
     # episodic_reasoning is a TVQA frame folder: decoded here with the bound, frames 3, 5, 6, 7 (see above)
     assert episodic.answer == "C" and len(episodic.video) == 4
     assert_levels(episodic.video, [3, 5, 6, 7])
-    # unbound video + the pinned rule through the adapter's reader: centres of 4 segments of 30 frames
-    frames = read_frames(count.video, 4, count.meta["frame_sampling"])
-    assert len(frames) == 4 and levels(frames) == sorted(levels(frames))
+    # through the adapters' reader: the unbound video -> centres 3, 10, 17, 25 of 30 frames; the bound
+    # sample (12 frames at 4 fps, [0.5 s, 2 s]) -> frames [2, 8], seg 1.5 -> int(2.75 + 0, 2, 3, 4) = 2, 4, 5, 6
+    assert_levels(read_sample_frames(count.video, 4, count.meta), [3, 10, 17, 25])
+    assert_levels(read_sample_frames(seq.video, 4, seq.meta), [2, 4, 5, 6])
 
 
 def test_mvbench_lmms_eval_layout_has_no_bounds(tmp_path):
@@ -324,15 +321,7 @@ def test_mvbench_scoring_by_hand():
 
 
 def test_mmbench_video_reader(tmp_path):
-    gray_video(tmp_path / "video" / "v1.mp4", num_frames=6)
-    pd.DataFrame([
-        dict(index=11, video="v1", video_path="./video/v1.mp4", question="What happens?", answer="A dog runs.",
-             dimensions="['Event Recognition', 'Causal Reasoning']"),
-        dict(index=12, video="v2", video_path="./video/v2.mp4", question="Why?", answer="Rain.",
-             dimensions="['Causal Reasoning']"),
-        dict(index=13, video="v1", video_path="./video/v1.mp4", question="Who?", answer="A man.",
-             dimensions="['Telepathy']"),
-    ]).to_csv(tmp_path / "MMBench-Video.tsv", sep="\t", index=False)
+    write_mmbench_video(tmp_path)
     items = list(MMBenchVideo(tmp_path).load())
     assert [type(x).__name__ for x in items] == ["Sample", "SampleError", "SampleError"]
     s = items[0]
@@ -382,22 +371,6 @@ def test_mmbench_video_rating_parser_and_fake_judge():
 # --- NExT-QA --------------------------------------------------------------------------------------
 
 
-def write_nextqa(root: Path) -> None:
-    (root / "MC").mkdir(parents=True)
-    pd.DataFrame([
-        dict(video=4010069381, frame_count=300, width=640, height=480, question=" why did the boy run ",
-             answer=2, qid=7, type="CW", a0="to eat", a1="to sleep", a2="catch ball", a3="to sit", a4="to swim"),
-        dict(video=555, frame_count=10, width=64, height=64, question="what is it", answer=0, qid=1, type="DO",
-             a0="a", a1="b", a2="c", a3="d", a4="e"),
-    ]).to_parquet(root / "MC" / "test-00000-of-00001.parquet")
-    (root / "OE").mkdir()
-    pd.DataFrame([
-        dict(video=4010069381, qid=3, question="what is the dog doing", answer="playing", type="TC",
-             additional_ref_answer="running"),
-    ]).to_parquet(root / "OE" / "validation-00000-of-00001.parquet")
-    gray_video(root / "NExTVideo" / "4010069381.mp4", num_frames=5)
-
-
 def test_nextqa_readers(tmp_path):
     write_nextqa(tmp_path)
     items = list(NExTQAMC(tmp_path).load())
@@ -426,49 +399,6 @@ def test_nextqa_mc_scoring_by_hand():
     assert res["overall"] == pytest.approx(200 / 3)  # 2 of 3
     assert res["types"] == pytest.approx({"CW": 50.0, "TN": 100.0})
     assert res["unextracted"] == 1
-
-
-# A hand-written WordNet in the database format NLTK reads:
-#   entity -> animal -> {dog, cat};  entity -> artifact -> car;  (verb) move -> run.
-# Wu-Palmer as NLTK computes it: depth(lcs) = max_depth(lcs) + 1, len_i = dist(s_i, lcs) + depth(lcs),
-# wup = 2 depth / (len_1 + len_2):
-#   wup(dog, cat) = 2*2 / (3 + 3) = 2/3;   wup(dog, car) = 2*1 / (3 + 3) = 1/3;   wup(dog, animal) = 4/5.
-WN_NOUNS = [  # name, hypernym
-    ("entity", None), ("animal", "entity"), ("dog", "animal"), ("cat", "animal"), ("artifact", "entity"), ("car", "artifact"),
-]
-WN_VERBS = [("move", None), ("run", "move")]
-
-
-def write_wordnet(directory: Path) -> Path:
-    directory.mkdir(parents=True)
-
-    def data_file(entries, pos):
-        hypos = {name: [c for c, h in entries if h == name] for name, _ in entries}
-
-        def line(name, hyper, offsets):
-            ptrs = ([("@", hyper)] if hyper else []) + [("~", c) for c in hypos[name]]
-            ptr_text = " ".join(f"{s} {offsets[t]:08d} {pos} 0000" for s, t in ptrs)
-            frames = " 00" if pos == "v" else ""
-            return f"{offsets[name]:08d} 03 {pos} 01 {name} 0 {len(ptrs):03d} {ptr_text}{frames} | a {name}  \n"
-
-        offsets = {name: 0 for name, _ in entries}
-        pos_in_file = 0
-        for name, hyper in entries:  # fixed-width fields: line lengths do not depend on offset values
-            offsets[name] = pos_in_file
-            pos_in_file += len(line(name, hyper, offsets).encode())
-        text = "".join(line(name, hyper, offsets) for name, hyper in entries)
-        index = "".join(f"{name} {pos} 1 0 1 0 {offsets[name]:08d}  \n" for name, _ in sorted(entries))
-        return text, index
-
-    for pos, suffix, entries in (("n", "noun", WN_NOUNS), ("v", "verb", WN_VERBS), ("a", "adj", []), ("r", "adv", [])):
-        text, index = data_file(entries, pos) if entries else ("", "")
-        (directory / f"data.{suffix}").write_text(text)
-        (directory / f"index.{suffix}").write_text(index)
-        (directory / f"{suffix}.exc").write_text("")
-    (directory / "lexnames").write_text(
-        "00\tadj.all\t3\n01\tadj.pert\t3\n02\tadv.all\t4\n03\tnoun.Tops\t1\n"
-    )
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -530,17 +460,6 @@ def test_wups_with_real_wordnet_30(tmp_path, monkeypatch):
 
 
 # --- ActivityNet-QA -------------------------------------------------------------------------------
-
-
-def write_activitynet(root: Path) -> None:
-    (root / "data").mkdir(parents=True)
-    pd.DataFrame([
-        dict(video_name="abc", question="is the man wearing a hat", answer="yes", question_id="v_abc_1", type=3),
-        dict(video_name="def", question="what color is the car", answer="red", question_id="v_def_2", type=4),
-        dict(video_name="ghi", question="where is he", answer="park", question_id="v_ghi_3", type=1),
-    ]).to_parquet(root / "data" / "test-00000-of-00001.parquet")
-    gray_video(root / "all_test" / "v_abc.mp4", num_frames=4)
-    gray_video(root / "all_test" / "v_def.mkv", num_frames=4)  # .mkv is tried after .mp4 / .webm
 
 
 def test_activitynetqa_reader(tmp_path):

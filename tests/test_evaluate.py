@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import random_image
-from test_benchmarks_image import CORRUPT_B64, write_tsv
+from fixtures import CORRUPT_B64, write_tsv
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("prefill_seconds", "decode_seconds")

@@ -13,6 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from explain_prune.benchmarks import BENCHMARKS, FakeJudge, OpenAICompatibleJudge, Record, build_judge
+from explain_prune.benchmarks.judge import cache_key
 from explain_prune.models.base import InputError
 
 SECRET = "sk-test-DO-NOT-LEAK-5c1f0e"
@@ -51,7 +52,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             srv.stop.wait(2.0)
             action = "ok"
         if action == "ok":
-            content = srv.reply_fn(body["messages"][0]["content"], body.get("temperature"))
+            content = srv.reply_fn(body["messages"][-1]["content"], body.get("temperature"))  # the user turn
             message = {"role": "assistant", "content": content}
             payload = {"id": "x", "model": body["model"], "choices": [{"index": 0, "message": message}]}
             return self._send(200, json.dumps(payload).encode())
@@ -222,6 +223,38 @@ def test_cache_key_covers_temperature_and_damaged_entries_are_misses(server, tmp
     entry.write_text("{ truncated")
     assert make_judge(server, tmp_path).complete("same prompt", temperature=0.0).ok
     assert len(server.seen) == 3 and json.loads(entry.read_text())["reply"]
+
+
+def test_system_prompt_is_a_system_message_and_part_of_the_cache_key(server, tmp_path):
+    counter = iter(range(1, 100))
+    server.reply_fn = lambda prompt, temperature: f"reply-{next(counter)}"  # each request answers differently
+    strict, lenient = "You are a strict grader.", "You are a lenient grader."
+    assert make_judge(server, tmp_path).complete("grade").text == "reply-1"
+    assert server.seen[-1]["body"]["messages"] == [{"role": "user", "content": "grade"}]
+    judge = make_judge(server, tmp_path, system_prompt=strict)
+    assert judge.complete("grade").text == "reply-2"  # not the cached plain reply
+    assert server.seen[-1]["body"]["messages"] == [
+        {"role": "system", "content": strict}, {"role": "user", "content": "grade"}]
+    assert make_judge(server, tmp_path, system_prompt=lenient).complete("grade").text == "reply-3"
+    assert len(server.seen) == 3
+    # a rerun with each configuration is served from its own cache entry: no request sent
+    again = [make_judge(server, tmp_path, system_prompt=sp).complete("grade") for sp in (strict, None, lenient)]
+    assert [(r.text, r.cached) for r in again] == [("reply-2", True), ("reply-1", True), ("reply-3", True)]
+    assert len(server.seen) == 3
+    entries = [json.loads(p.read_text()) for p in (tmp_path / "judge_cache").rglob("*.json")]
+    assert sorted(e.get("system_prompt", "") for e in entries) == ["", lenient, strict]
+    assert judge.describe()["system_prompt"] == strict
+    # without a system prompt the key is the pre-option one: sha256 of the sorted-key JSON request
+    old = json.dumps({"max_tokens": None, "model": "judge-x", "prompt": "grade", "temperature": 0.0}, sort_keys=True)
+    assert cache_key("judge-x", "grade", 0.0, None) == hashlib.sha256(old.encode()).hexdigest()
+    # from the config group: null by default, text when set; empty text is refused
+    cfg = OmegaConf.load(CONF / "judge" / "openai_compatible.yaml")
+    cfg.update({"base_url": server.url, "api_key_env": None, "cache_dir": None})
+    assert build_judge(cfg).system_prompt is None
+    cfg.system_prompt = strict
+    assert build_judge(cfg).system_prompt == strict
+    with pytest.raises(InputError, match="system_prompt"):
+        make_judge(server, system_prompt="  ")
 
 
 def test_missing_key_env_is_an_input_error(monkeypatch):

@@ -7,11 +7,13 @@
   429/5xx and malformed replies are retried `max_retries` times with exponential backoff; other
   HTTP errors fail at once. A failure is returned as a `JudgeReply(ok=False, error=...)`, never
   raised, so the caller records it.
+* `system_prompt` (default None): when set, sent as a system message before every user message
+  (VLMEvalKit and lmms-eval put their rating instructions there) and recorded in `describe()`.
 * An on-disk JSON cache (one file per request under `cache_dir`, written to a temp file and renamed)
-  keyed by sha256 of the request — judge model, prompt, temperature and max_tokens (temperature
-  and max_tokens are part of the key because MM-Vet retries the *same* prompt at a higher
-  temperature). A rerun therefore sends no request and gets the same replies. Only successful
-  replies are cached.
+  keyed by sha256 of the request — judge model, system prompt (when set), prompt, temperature and
+  max_tokens (temperature and max_tokens are part of the key because MM-Vet retries the *same*
+  prompt at a higher temperature). A rerun therefore sends no request and gets the same replies.
+  Only successful replies are cached.
 * `FakeJudge` — deterministic and offline (tests, smoke runs). It answers with the caller's
   `fake_reply()` when given one (benchmarks supply a rule-based stand-in for the real grader), else
   with a fixed string derived from the prompt hash. Its scores are NOT the benchmark's metric;
@@ -77,17 +79,21 @@ class Judge(abc.ABC):
 # --- cache ------------------------------------------------------------------------------------
 
 
-def cache_key(model: str, prompt: str, temperature: float | None, max_tokens: int | None) -> str:
-    payload = json.dumps(
-        {"model": model, "prompt": prompt, "temperature": temperature, "max_tokens": max_tokens},
-        sort_keys=True,
-        ensure_ascii=False,
-    )
+def cache_key(
+    model: str, prompt: str, temperature: float | None, max_tokens: int | None, system_prompt: str | None = None
+) -> str:
+    """sha256 of the request; without a system prompt the key is the one used before that option
+    existed, so existing caches stay valid."""
+    request: dict[str, Any] = {"model": model, "prompt": prompt, "temperature": temperature, "max_tokens": max_tokens}
+    if system_prompt is not None:
+        request["system_prompt"] = system_prompt
+    payload = json.dumps(request, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 class JudgeCache:
-    """`<dir>/<key[:2]>/<key>.json` = {"model", "temperature", "max_tokens", "prompt", "reply"}."""
+    """`<dir>/<key[:2]>/<key>.json` = {"model", "temperature", "max_tokens", "prompt", "reply"} (plus
+    "system_prompt" when one was sent)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -147,6 +153,7 @@ class OpenAICompatibleJudge(Judge):
         temperature: float = 0.0,
         max_tokens: int | None = None,
         cache_dir: str | Path | None = None,
+        system_prompt: str | None = None,
     ):
         if not base_url:
             raise InputError("judge base_url is empty")
@@ -171,6 +178,9 @@ class OpenAICompatibleJudge(Judge):
         self.backoff = float(backoff)
         self.temperature = float(temperature)
         self.max_tokens = None if max_tokens is None else int(max_tokens)
+        if system_prompt is not None and not (isinstance(system_prompt, str) and system_prompt.strip()):
+            raise InputError(f"judge system_prompt must be null or non-empty text, got {system_prompt!r}")
+        self.system_prompt = system_prompt
         self.cache = JudgeCache(cache_dir) if cache_dir else None
         self.requests_sent = 0
         self.cache_hits = 0
@@ -190,6 +200,7 @@ class OpenAICompatibleJudge(Judge):
             "url": self.url,
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
+            "system_prompt": self.system_prompt,
         }
 
     def _redact(self, text: str) -> str:
@@ -205,17 +216,15 @@ class OpenAICompatibleJudge(Judge):
     ) -> JudgeReply:
         temp = self.temperature if temperature is None else float(temperature)
         limit = self.max_tokens if max_tokens is None else int(max_tokens)
-        key = cache_key(self.model, prompt, temp, limit)
+        key = cache_key(self.model, prompt, temp, limit, self.system_prompt)
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:
                 self.cache_hits += 1
                 return JudgeReply(text=hit, ok=True, cached=True)
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": temp,
-        }
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        messages.append({"role": "user", "content": prompt})
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": temp}
         if limit is not None:
             body["max_tokens"] = limit
         data = json.dumps(body).encode("utf-8")
@@ -236,10 +245,10 @@ class OpenAICompatibleJudge(Judge):
                 log.warning("judge request failed (not retried): %s", error)
                 break
             if self.cache is not None:
-                self.cache.put(
-                    key,
-                    {"model": self.model, "temperature": temp, "max_tokens": limit, "prompt": prompt, "reply": text},
-                )
+                entry = {"model": self.model, "temperature": temp, "max_tokens": limit, "prompt": prompt, "reply": text}
+                if self.system_prompt is not None:
+                    entry["system_prompt"] = self.system_prompt
+                self.cache.put(key, entry)
             return JudgeReply(text=text, ok=True, attempts=attempts)
         return JudgeReply(text=None, ok=False, error=error, attempts=attempts)
 
@@ -324,7 +333,7 @@ def build_judge(cfg: Mapping[str, Any] | None) -> Judge | None:
     if name == "openai_compatible":
         allowed = {
             "base_url", "model", "api_key_env", "timeout", "max_retries",
-            "backoff", "temperature", "max_tokens", "cache_dir",
+            "backoff", "temperature", "max_tokens", "cache_dir", "system_prompt",
         }
         unknown = sorted(set(opts) - allowed)
         if unknown:

@@ -21,9 +21,10 @@ text, "Question: <q>", "Options:", "(A) <c0>", "(B) <c1>", ..., "Only give the b
 (VLMEvalKit also pre-fills the assistant turn with "Best option:("; the engine has no pre-fill, so
 the extraction accepts the letter with or without the parenthesis.)
 
-Frames: rule `centers` (segment centres, VLMEvalKit `get_index`): with n frames over frame indices
-[s, e] (s = max(first, round(start·fps)), e = min(round(end·fps), last); whole video without a
-bound), seg = (e − s)/n and index_i = int(s + seg/2 + round(seg·i)).
+Frames: rule `centers` (segment centres, VLMEvalKit `get_index`; `data.video.frame_indices`): with
+n frames over frame indices [s, e] (s = max(first, round(start·fps)), e = min(round(end·fps), last);
+whole video without a bound), seg = (e − s)/n and index_i = int(s + seg/2 + round(seg·i)). The
+adapters apply the bounds through `data.video.read_sample_frames`, with the video's average fps.
 
 Extraction `mvbench_first_token_can_infer` (VLMEvalKit `check_ans` under exact matching): the first
 whitespace token of the answer with brackets/punctuation stripped, if it is one of the option
@@ -42,7 +43,6 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 from PIL import Image
 
 from explain_prune.benchmarks.base import Record
@@ -55,6 +55,7 @@ from explain_prune.benchmarks.video_base import (
     read_table,
     text_field,
 )
+from explain_prune.data.video import frame_indices
 from explain_prune.models.base import InputError, Sample
 
 # task (json stem): (VLMEvalKit name, VLMEvalKit folder under video/, stored as, bound, lmms-eval folder)
@@ -97,24 +98,17 @@ def mvbench_prompt(question: str, candidates: Sequence[str]) -> str:
     return "\n".join(lines) + "\n" + CLOSING
 
 
-def mvbench_frame_indices(
-    num_frames: int, fps: float, max_frame: int, bound: tuple[float, float] | None = None, first_idx: int = 0
-) -> list[int]:
-    """VLMEvalKit `MVBench.get_index`: centres of `num_frames` equal segments of the frame range
-    [max(first_idx, round(start·fps)), min(round(end·fps), max_frame)] (the whole video if unbound)."""
-    start, end = bound if bound is not None else (-100000, 100000)
-    start_idx = max(first_idx, round(start * fps))
-    end_idx = min(round(end * fps), max_frame)
-    seg = float(end_idx - start_idx) / num_frames
-    return [int(start_idx + seg / 2 + np.round(seg * i)) for i in range(num_frames)]
-
-
-def read_frame_folder(directory: Path, num_frames: int, bound: tuple[float, float] | None) -> list[Image.Image]:
+def read_frame_folder(
+    directory: Path, num_frames: int, bound: tuple[float, float] | None, rule: str = "centers"
+) -> list[Image.Image]:
     """Frames of a 1-based `%05d.jpg` folder at 3 fps, chosen like VLMEvalKit `MVBench.read_frame`
-    (the frame count is the number of entries in the folder)."""
-    max_frame = len(os.listdir(directory))
+    (frames numbered 1 .. the number of entries in the folder)."""
+    try:
+        indices = frame_indices(len(os.listdir(directory)), num_frames, rule, FRAME_FOLDER_FPS, bound, first_idx=1)
+    except InputError as err:
+        raise RowError(f"frame folder {directory}: {err}") from err
     frames = []
-    for idx in mvbench_frame_indices(num_frames, FRAME_FOLDER_FPS, max_frame, bound, first_idx=1):
+    for idx in indices:
         path = directory / f"{idx:05d}.jpg"
         try:
             with Image.open(path) as img:
@@ -221,7 +215,7 @@ class MVBench(VideoBenchmark):
             directory = self._frame_dir(task, video_name)
             if self.num_frames is None:
                 raise RowError(f"{task} is stored as frame folders: set num_frames to decode them")
-            video: Any = read_frame_folder(directory, self.num_frames, bound)
+            video: Any = read_frame_folder(directory, self.num_frames, bound, self.frame_sampling)
             meta["frame_dir"] = str(directory)
             meta["frame_fps"] = FRAME_FOLDER_FPS
         else:

@@ -11,9 +11,11 @@
   the released extensions in order. A missing video is a `SampleError` with the paths tried — it is
   counted by the evaluator, never a crash.
 * Frames: a `Sample` carries the video *path*; the adapter decodes it with
-  `data.video.read_frames(path, num_frames, rule)` where `rule = sample.meta["frame_sampling"]`, the
-  benchmark's pinned sampling rule (overridable by config). `num_frames` comes from the modality
-  config; the benchmark records it (and the rule) in `describe()` so results say what was run.
+  `data.video.read_sample_frames(path, num_frames, sample.meta, ...)`, which applies
+  `meta["frame_sampling"]` — the benchmark's pinned sampling rule (overridable by config) — inside
+  the clip bounds `meta["start"]`/`meta["end"]` (seconds; only MVBench's bound tasks set them).
+  `num_frames` comes from the modality config; the benchmark records it (and the rule) in
+  `describe()` so results say what was run.
 """
 
 from __future__ import annotations

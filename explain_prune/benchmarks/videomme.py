@@ -15,7 +15,7 @@ Prompt `vlmeval_videomme_nosub` (VLMEvalKit `VideoMME.FRAMES_TMPL_NOSUB` + its q
 based on the video. Respond with only the letter (A, B, C, or D) of the correct option." /
 "Question: <question>" / the four option lines / "Answer:".
 
-Frames: rule `interior` (VLMEvalKit `save_video_frames`: indices int(i·T/(n+1)), i = 1..n).
+Frames: rule `interior` (VLMEvalKit `save_video_frames`: indices int(i·(T/(n+1))), i = 1..n).
 
 Extraction `videomme_regex` (VLMEvalKit / lmms-eval `extract_characters_regex`): strip, delete the
 answer prefixes, "" if the text has more than 10 words and no capital A–D, else the first capital
