@@ -1,13 +1,20 @@
-"""Evaluate a pruning method on a benchmark: `python -m explain_prune.evaluate [overrides]`."""
+"""Evaluate a pruning method on a benchmark: `python -m explain_prune.evaluate [overrides]`.
+
+A job whose run dir already holds complete results for the same resolved settings returns at once
+(without loading the model), so rerunning an interrupted sweep only runs the missing jobs.  Each
+finished job is mirrored to one W&B run (the `wandb:` block of conf/evaluate.yaml; offline by default).
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from explain_prune import tracking
 from explain_prune.benchmarks import build_benchmark, build_judge
 from explain_prune.benchmarks.runner import EvalSettings, evaluate
 from explain_prune.cli import task
@@ -18,7 +25,17 @@ from explain_prune.models import build_vlm
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 @task
 def main(cfg: DictConfig) -> dict:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    choices = dict(HydraConfig.get().runtime.choices)
     method = build_from_config(cfg.method, retention=cfg.retention)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    secrets = tracking.secret_values(resolved)
+    job = tracking.scrub(tracking.job_identity(cfg, method.retention), secrets)
+    done = tracking.completed_results(out_dir, job)
+    if done is not None:  # a rerun of an interrupted sweep: nothing to do for this job
+        print(f"skip: {out_dir} already holds complete results for this job")
+        print(f"results: {out_dir}/results.json")
+        return done
     benchmark = build_benchmark(**OmegaConf.to_container(cfg.benchmark, resolve=True))
     judge = build_judge(cfg.judge)
     vlm = build_vlm(cfg.model, modality=cfg.modality)
@@ -27,12 +44,14 @@ def main(cfg: DictConfig) -> dict:
     )
     run_info = {
         "model": cfg.model.name,
-        "retention": float(cfg.retention),
-        "choices": dict(HydraConfig.get().runtime.choices),
-        "config": OmegaConf.to_container(cfg, resolve=False),
+        "retention": method.retention,
+        "choices": choices,
+        "config": tracking.scrub(OmegaConf.to_container(cfg, resolve=False), secrets),
+        "job": job,
     }
-    out_dir = HydraConfig.get().runtime.output_dir
     results = evaluate(vlm, benchmark, method, out_dir, settings, cfg.model.llm, judge=judge, run_info=run_info)
+    wandb_config = tracking.scrub({**resolved, "choices": choices}, secrets)
+    tracking.log_evaluation(resolved["wandb"], results, wandb_config, out_dir)
     print(json.dumps({"score": results["score"].get("overall"), "efficiency": results["efficiency"]}, default=str))
     print(f"results: {out_dir}/results.json")
     return results

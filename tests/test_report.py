@@ -1,0 +1,358 @@
+"""`python -m explain_prune.report`: a hand-written sweep (two models, vanilla + FastV + ours at three
+retentions, two benchmarks, one job missing) rendered as Markdown / CSV / LaTeX and checked number by
+number against hand computations (in the comments); missing vanilla rows, the efficiency and FLOPs
+layouts, bad directories, `--wandb` offline; and a real tiny-model multirun followed by the report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from explain_prune import report
+from helpers import ROOT
+from test_evaluate import mmstar_root  # noqa: F401  (the MMStar fixture writer)
+
+MIB = 2**20
+EXPERIMENT = {
+    "name": "table_test",
+    "title": "Table T: hand-made sweep",
+    "kind": "scores",
+    "columns": ["mmstar", "pope"],
+    "paper": [
+        {"model": "qwen2vl", "method": "vanilla", "retention": 1.0, "scores": {"mmstar": 60.4, "pope": 87.5}, "avg": 100.0,
+         "flops_x": 1.0},
+        {"model": "qwen2vl", "method": "fastv", "retention": 0.25, "scores": {"mmstar": 37.6, "pope": 77.6}, "avg": 67.7,
+         "flops_x": 0.27},
+    ],
+}
+# (model, method, retention) -> ({benchmark: score}, (flops_T on mmstar, on pope), layer-averaged retention)
+# vanilla FLOPs: qwen2vl 10.0 T, llava_ov 12.9 T on both benchmarks.
+SWEEP = {
+    ("qwen2vl", "vanilla", 1.0): ({"mmstar": 60.0, "pope": 80.0}, (10.0, 10.0), 1.0),
+    ("qwen2vl", "fastv", 0.5): ({"mmstar": 45.0, "pope": 72.0}, (5.0, 6.0), 15 / 28),
+    ("qwen2vl", "fastv", 0.25): ({"mmstar": 30.0, "pope": 64.0}, (3.0, 3.0), 8.5 / 28),
+    ("qwen2vl", "fastv", 0.1): ({"mmstar": 15.0, "pope": 40.0}, (1.5, 1.5), 4.6 / 28),
+    ("qwen2vl", "ours", 0.5): ({"mmstar": 57.0, "pope": 76.0}, (4.8, 4.8), 0.5),
+    ("qwen2vl", "ours", 0.25): ({"mmstar": 51.0, "pope": 72.0}, (2.4, 2.4), 0.2504),
+    ("qwen2vl", "ours", 0.1): ({"mmstar": 42.0, "pope": 60.0}, (1.0, 1.0), 0.1),
+    ("llava_ov", "vanilla", 1.0): ({"mmstar": 50.0, "pope": 90.0}, (12.9, 12.9), 1.0),
+    ("llava_ov", "fastv", 0.5): ({"mmstar": 40.0, "pope": 81.0}, (6.6, 6.6), 15 / 28),
+    ("llava_ov", "fastv", 0.25): ({"mmstar": 35.0, "pope": 72.0}, (3.6, 3.6), 8.5 / 28),
+    ("llava_ov", "fastv", 0.1): ({"mmstar": 25.0, "pope": 45.0}, (2.1, 2.1), 4.6 / 28),
+    ("llava_ov", "ours", 0.5): ({"mmstar": 49.0, "pope": 88.2}, (6.2, 6.2), 0.5),
+    ("llava_ov", "ours", 0.25): ({"mmstar": 46.0}, (3.1, 3.1), 0.25),  # the pope job is missing
+    ("llava_ov", "ours", 0.1): ({"mmstar": 40.0, "pope": 81.0}, (1.3, 1.3), 0.1),
+}
+VANILLA_FLOPS = {"qwen2vl": 10.0, "llava_ov": 12.9}
+
+
+def write_job(root: Path, model: str, method: str, retention: float, benchmark: str, score: float, flops: float,
+              layer_avg: float, experiment: dict | None = EXPERIMENT, options: dict | None = None,
+              vanilla_flops: float | None = None) -> Path:
+    """A results.json shaped like evaluate's (run_info + finalize), with hand-picked numbers. Timing and
+    KV scale with the FLOPs ratio so the efficiency layout has hand-computable values too."""
+    vanilla_flops = VANILLA_FLOPS[model] if vanilla_flops is None else vanilla_flops
+    ratio = flops / vanilla_flops
+    model_cfg = {"name": model, "family": model, "llm": {"hidden_size": "${..tiny.hidden_size}"}, "tiny": {"hidden_size": 64}}
+    if model == "qwen2vl":
+        model_cfg["image"] = {"max_pixels": 1176000}
+    config = {
+        "model": model_cfg,
+        "modality": {"name": "image"},
+        "benchmark": {"name": benchmark, "limit": None},
+        "method": {"name": method, "retention": retention, "options": options or {}},
+        "retention": retention,
+        "paths": {"output_dir": "${hydra:runtime.output_dir}"},  # only resolvable inside the job
+    }
+    if experiment is not None:
+        config["experiment"] = experiment
+    results = {
+        "model": model, "retention": retention, "benchmark": benchmark, "method": method,
+        "choices": {"model": model, "modality": "image", "benchmark": benchmark, "method": method},
+        "config": config, "complete": True, "num_samples": 10, "num_errors": 0,
+        "score": {"overall": score, "categories": {"a": score}},
+        "efficiency": {
+            "num_visual": 100.0, "kept_per_layer": [100.0 * layer_avg] * 2, "layer_avg_retention": layer_avg,
+            "retention": retention, "flops_T": flops, "vanilla_flops_T": vanilla_flops,
+            "kv_cache_bytes": 2 * MIB * ratio, "prefill_seconds": 0.2 * ratio, "decode_seconds": 0.8,
+        },
+    }
+    tag = "-".join(f"{k}{v}" for k, v in sorted((options or {}).items()))
+    path = root / model / benchmark / (method + tag) / f"r{retention}" / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results))
+    return path
+
+
+@pytest.fixture()
+def sweep(tmp_path) -> Path:
+    root = tmp_path / "sweep"
+    for (model, method, retention), (scores, flops, layer_avg) in SWEEP.items():
+        for i, (benchmark, score) in enumerate(scores.items()):
+            write_job(root, model, method, retention, benchmark, score, flops[i], layer_avg)
+    return root
+
+
+def md_table(markdown: str) -> list[dict[str, str]]:
+    """Markdown table -> one {header: cell} per row."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header = [h.strip() for h in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def md_rows(markdown: str) -> dict[tuple[str, str, str, str], dict[str, str]]:
+    """{(source, model, method, retention): {header: cell}} (unique in tables with one input per model)."""
+    table = md_table(markdown)
+    rows = {(c["Source"], c["Model"], c["Method"], c["Retention"]): c for c in table}
+    assert len(rows) == len(table)
+    return rows
+
+
+def run_report(capsys, *argv: str) -> tuple[str, str]:
+    report.main(list(argv))
+    out = capsys.readouterr()
+    return out.out, out.err
+
+
+# Avg.(%) by hand = mean over benchmarks of 100 * score / vanilla score, e.g. qwen2vl FastV 25 %:
+# (30/60 + 64/80) / 2 * 100 = (50 + 80) / 2 = 65.0.  FLOPs(×) = mean FLOPs / vanilla FLOPs.
+EXPECTED = {  # (model, method, retention cell): (layer-avg cell, FLOPs(×), mmstar, pope, Avg.)
+    ("qwen2vl", "vanilla", "100.0%"): ("100.0%", "1.00×", "60.0", "80.0", "100.0"),
+    ("qwen2vl", "fastv", "50.0%"): ("53.6%*", "0.55×", "45.0", "72.0", "82.5"),   # (75 + 90) / 2; (5+6)/2 / 10
+    ("qwen2vl", "fastv", "25.0%"): ("30.4%*", "0.30×", "30.0", "64.0", "65.0"),   # (50 + 80) / 2
+    ("qwen2vl", "fastv", "10.0%"): ("16.4%*", "0.15×", "15.0", "40.0", "37.5"),   # (25 + 50) / 2
+    ("qwen2vl", "ours", "50.0%"): ("50.0%", "0.48×", "57.0", "76.0", "95.0"),     # (95 + 95) / 2
+    ("qwen2vl", "ours", "25.0%"): ("25.0%", "0.24×", "51.0", "72.0", "87.5"),     # (85 + 90) / 2; 25.04 % shows 25.0 %: no *
+    ("qwen2vl", "ours", "10.0%"): ("10.0%", "0.10×", "42.0", "60.0", "72.5"),     # (70 + 75) / 2
+    ("llava_ov", "vanilla", "100.0%"): ("100.0%", "1.00×", "50.0", "90.0", "100.0"),
+    ("llava_ov", "fastv", "50.0%"): ("53.6%*", "0.51×", "40.0", "81.0", "85.0"),  # (80 + 90) / 2; 6.6 / 12.9
+    ("llava_ov", "fastv", "25.0%"): ("30.4%*", "0.28×", "35.0", "72.0", "75.0"),  # (70 + 80) / 2; 3.6 / 12.9
+    ("llava_ov", "fastv", "10.0%"): ("16.4%*", "0.16×", "25.0", "45.0", "50.0"),  # (50 + 50) / 2; 2.1 / 12.9
+    ("llava_ov", "ours", "50.0%"): ("50.0%", "0.48×", "49.0", "88.2", "98.0"),    # (98 + 98) / 2; 6.2 / 12.9
+    ("llava_ov", "ours", "25.0%"): ("25.0%", "0.24×", "46.0", "n/a", "92.0†"),    # 46/50 only: pope job missing
+    ("llava_ov", "ours", "10.0%"): ("10.0%", "0.10×", "40.0", "81.0", "85.0"),    # (80 + 90) / 2; 1.3 / 12.9
+}
+
+
+def test_scores_table_markdown_csv_latex_and_plot(sweep, capsys):
+    stdout, stderr = run_report(capsys, str(sweep))
+    markdown = (sweep / "report.md").read_text()
+    assert markdown in stdout
+    assert markdown.startswith("# Table T: hand-made sweep")
+    rows = md_rows(markdown)
+    for (model, method, retention), (layer, flops_x, mmstar, pope, avg) in EXPECTED.items():
+        cells = rows[("ours", model, method, retention)]
+        assert cells["Input"] == "image"  # one input setting per model: nothing to tell apart
+        assert (cells["Layer-avg. retention"], cells["FLOPs(×)"], cells["mmstar"], cells["pope"], cells["Avg.(%)"]) == (
+            layer, flops_x, mmstar, pope, avg), (model, method, retention)
+    assert len([r for r in rows if r[0] == "ours"]) == len(EXPECTED)
+    # the paper's rows sit right under ours, marked as such, with the paper's numbers
+    keys = list(rows)
+    paper = rows[("paper", "qwen2vl", "fastv", "25.0%")]
+    assert (paper["mmstar"], paper["pope"], paper["Avg.(%)"], paper["FLOPs(×)"]) == ("37.6", "77.6", "67.7", "0.27×")
+    assert keys.index(("paper", "qwen2vl", "fastv", "25.0%")) == keys.index(("ours", "qwen2vl", "fastv", "25.0%")) + 1
+    assert keys.index(("paper", "qwen2vl", "vanilla", "100.0%")) == keys.index(("ours", "qwen2vl", "vanilla", "100.0%")) + 1
+    # order: models as in the paper block, vanilla first, then retention descending
+    assert keys[0] == ("ours", "qwen2vl", "vanilla", "100.0%") and keys[-1] == ("ours", "llava_ov", "ours", "10.0%")
+    assert "llava_ov (image) ours r=0.25: Avg.(%) over 1 of 2 benchmarks" in stderr and "pope" in stderr
+
+    # CSV: raw numbers, * and k/n in their own columns
+    table = {(r["source"], r["model"], r["method"], r["retention"]): r
+             for r in csv.DictReader(io.StringIO((sweep / "report.csv").read_text()))}
+    fastv = table[("ours", "qwen2vl", "fastv", "0.25")]
+    assert float(fastv["avg"]) == pytest.approx(65.0) and fastv["avg_over"] == "2/2"
+    assert float(fastv["flops_x"]) == pytest.approx(0.3) and float(fastv["layer_avg_retention"]) == pytest.approx(8.5 / 28)
+    assert fastv["layer_avg_star"] == "*" and float(fastv["mmstar"]) == 30.0
+    partial = table[("ours", "llava_ov", "ours", "0.25")]
+    assert float(partial["avg"]) == pytest.approx(92.0) and partial["avg_over"] == "1/2" and partial["pope"] == ""
+    assert float(partial["flops_x"]) == pytest.approx(3.1 / 12.9) and partial["layer_avg_star"] == ""
+    assert float(table[("ours", "llava_ov", "fastv", "0.5")]["avg"]) == pytest.approx(85.0)
+    assert table[("paper", "qwen2vl", "fastv", "0.25")]["avg"] == "67.7"
+
+    # LaTeX: same cells, escaped
+    latex = (sweep / "report.tex").read_text()
+    assert "\\begin{tabular}{llllllrrrr}" in latex
+    assert ("ours & qwen2vl & image & fastv & 25.0\\% & 30.4\\%* & 0.30$\\times$ & 30.0 & 64.0 & 65.0 \\\\"
+            in latex)
+    assert "ours & llava\\_ov & image & ours & 25.0\\% & 25.0\\% & 0.24$\\times$ & 46.0 & n/a & 92.0$^\\dagger$ \\\\" in latex
+    assert "paper & qwen2vl &  & fastv & 25.0\\% & n/a & 0.27$\\times$ & 37.6 & 77.6 & 67.7 \\\\" in latex
+
+    png = (sweep / report.PLOT).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(sweep / report.PLOT).shape[0] > 100
+
+
+def test_missing_vanilla_row_is_na_with_a_warning(sweep, capsys, tmp_path):
+    for path in (sweep / "llava_ov").glob("*/vanilla/*"):
+        shutil.rmtree(path)
+    out = tmp_path / "out"
+    _, stderr = run_report(capsys, str(sweep), "--out", str(out))
+    rows = md_rows((out / "report.md").read_text())
+    assert rows[("ours", "llava_ov", "fastv", "25.0%")]["Avg.(%)"] == "n/a"
+    assert rows[("ours", "llava_ov", "fastv", "25.0%")]["FLOPs(×)"] == "0.28×"  # FLOPs need no vanilla row
+    assert rows[("ours", "qwen2vl", "fastv", "25.0%")]["Avg.(%)"] == "65.0"
+    warning = [line for line in stderr.splitlines() if "no vanilla row" in line]
+    assert warning == ["warning: no vanilla row for llava_ov (image): Avg.(%) and speedups are n/a for its 6 rows"]
+    assert not (sweep / "report.md").exists()  # --out took the files
+
+
+def test_efficiency_layout(tmp_path, capsys):
+    # vanilla: prefill 0.2 s, decode 0.8 s, KV 2 MiB; FastV 25 % at FLOPs 3.0 / 10.0 scales prefill and KV by 0.3
+    experiment = {"name": "table4_test", "title": "Efficiency", "kind": "efficiency", "columns": ["mmstar"],
+                  "paper": [{"model": "qwen2vl", "method": "fastv", "retention": 0.25, "prefill_ms": 4140.0,
+                             "kv_mib": 19.7, "bogus": 1}]}
+    write_job(tmp_path, "qwen2vl", "vanilla", 1.0, "mmstar", 60.0, 10.0, 1.0, experiment)
+    write_job(tmp_path, "qwen2vl", "fastv", 0.25, "mmstar", 39.0, 3.0, 8.5 / 28, experiment)
+    _, stderr = run_report(capsys, str(tmp_path))
+    rows = md_rows((tmp_path / "report.md").read_text())
+    fastv = rows[("ours", "qwen2vl", "fastv", "25.0%")]
+    assert fastv["FLOPs(×)"] == "0.30×" and fastv["FLOPs(T)"] == "3.0"
+    assert fastv["Prefill (ms/sample)"] == "60.0"        # 1000 * 0.2 * 0.3
+    assert fastv["Total (ms/sample)"] == "860.0"         # 1000 * (0.06 + 0.8)
+    assert fastv["KV cache (MiB)"] == "0.60"             # 2 MiB * 0.3
+    assert fastv["Prefill speedup"] == "3.33×"           # 200 / 60
+    assert fastv["Total speedup"] == "1.16×"             # 1000 / 860
+    assert fastv["mmstar"] == "39.0" and "Avg.(%)" not in fastv
+    paper = rows[("paper", "qwen2vl", "fastv", "25.0%")]
+    assert (paper["Prefill (ms/sample)"], paper["KV cache (MiB)"], paper["FLOPs(T)"]) == ("4140.0", "19.70", "n/a")
+    assert "experiment.paper keys not shown (no such column): bogus" in stderr
+
+
+def test_flops_layout_tells_method_variants_apart(tmp_path, capsys):
+    # Table 9: FastV pruning at layer 2 or 4 keeps 25 % either way; the differing option names the row
+    experiment = {"name": "table9_test", "title": "FLOPs", "kind": "flops", "columns": ["mmstar"]}
+    write_job(tmp_path, "qwen2vl", "vanilla", 1.0, "mmstar", 60.0, 9.6, 1.0, experiment, vanilla_flops=9.6)
+    write_job(tmp_path, "qwen2vl", "fastv", 0.25, "mmstar", 54.0, 3.1, 8.5 / 28, experiment, {"layer": 2}, 9.6)
+    write_job(tmp_path, "qwen2vl", "fastv", 0.25, "mmstar", 42.0, 3.5, 11.5 / 28, experiment, {"layer": 4}, 9.6)
+    run_report(capsys, str(tmp_path))
+    rows = md_rows((tmp_path / "report.md").read_text())
+    two, four = rows[("ours", "qwen2vl", "fastv (layer=2)", "25.0%")], rows[("ours", "qwen2vl", "fastv (layer=4)", "25.0%")]
+    assert (two["FLOPs(T)"], two["Preservation(%)"], two["Layer-avg. retention"]) == ("3.1", "90.0", "30.4%*")  # 54/60
+    assert (four["FLOPs(T)"], four["Preservation(%)"], four["Layer-avg. retention"]) == ("3.5", "70.0", "41.1%*")  # 42/60
+
+
+def test_experiment_arm_variants_name_the_rows(tmp_path, capsys):
+    # Table 5 style arms: `variant` names the row; a per-model checkpoint option is not a variant;
+    # paper rows told apart by `options` sit under the row with those options
+    experiment = {"name": "table5_test", "title": "Ablation", "kind": "scores", "columns": ["mmstar"], "paper": [
+        {"model": "qwen2vl", "method": "gae", "options": {"head_reduce": "mean"}, "retention": 0.25, "avg": 96.3},
+        {"model": "qwen2vl", "method": "gae", "options": {"head_reduce": "grad"}, "retention": 0.25, "avg": 99.3},
+    ]}
+    for model in ("qwen2vl", "llava_ov"):
+        write_job(tmp_path, model, "vanilla", 1.0, "mmstar", 50.0, 10.0, 1.0, experiment)
+        for variant, head_reduce, score in (("gae", "grad", 45.0), ("gae_mean", "mean", 40.0)):
+            path = write_job(tmp_path / variant, model, "gae", 0.25, "mmstar", score, 2.5, 0.25, experiment,
+                             {"head_reduce": head_reduce, "checkpoint": f"c/{model}/image.safetensors"})
+            data = json.loads(path.read_text())
+            data["config"]["variant"] = variant
+            path.write_text(json.dumps(data))
+    run_report(capsys, str(tmp_path))
+    rows = md_rows((tmp_path / "report.md").read_text())
+    for model in ("qwen2vl", "llava_ov"):
+        assert rows[("ours", model, "gae", "25.0%")]["Avg.(%)"] == "90.0"        # 45 / 50
+        assert rows[("ours", model, "gae_mean", "25.0%")]["Avg.(%)"] == "80.0"   # 40 / 50
+    order = [(source, model, method) for source, model, method, _ in rows]
+    assert order[1:5] == [("ours", "qwen2vl", "gae"), ("paper", "qwen2vl", "gae (head_reduce=grad)"),
+                          ("ours", "qwen2vl", "gae_mean"), ("paper", "qwen2vl", "gae (head_reduce=mean)")]
+    assert rows[("paper", "qwen2vl", "gae (head_reduce=mean)", "25.0%")]["Avg.(%)"] == "96.3"
+
+
+def test_input_settings_key_the_rows(tmp_path, capsys):
+    # Table 7 style: two pixel budgets of one model, each with its own vanilla row; plus a video job
+    # whose modality.num_frames=32 overrides the model's 8 frames
+    experiment = {"name": "table7_test", "title": "Inputs", "kind": "scores", "columns": ["mmstar"]}
+
+    def edit(path: Path, **config) -> None:
+        data = json.loads(path.read_text())
+        data["config"].update(config)
+        path.write_text(json.dumps(data))
+
+    for pixels, (vanilla, ours) in {1176000: (60.0, 54.0), 4000000: (64.0, 60.8)}.items():
+        for method, retention, score in (("vanilla", 1.0, vanilla), ("ours", 0.25, ours)):
+            path = write_job(tmp_path / str(pixels), "qwen2vl", method, retention, "mmstar", score, 10 * retention,
+                             retention, experiment)
+            edit(path, model={"name": "qwen2vl", "image": {"min_pixels": 3136, "max_pixels": pixels}})
+    path = write_job(tmp_path / "video", "qwen2vl", "vanilla", 1.0, "videomme", 50.0, 40.0, 1.0, experiment,
+                     vanilla_flops=40.0)
+    edit(path, modality={"name": "video", "num_frames": 32, "sampling": None},
+         model={"name": "qwen2vl", "video": {"num_frames": 8, "max_pixels": 254016, "sampling": "linspace"}})
+    run_report(capsys, str(tmp_path))
+    by_input = {(cells["Input"], cells["Method"]): cells for cells in md_table((tmp_path / "report.md").read_text())}
+    assert len(by_input) == 5
+    assert by_input[("image, max_pixels=1176000", "ours")]["Avg.(%)"] == "90.0"   # 54 / 60
+    assert by_input[("image, max_pixels=4000000", "ours")]["Avg.(%)"] == "95.0"   # 60.8 / 64
+    video = by_input[("video, 32 frames", "vanilla")]
+    # videomme is appended to the experiment's columns; image rows are not partial for lacking it
+    assert (video["videomme"], video["mmstar"], video["Avg.(%)"], video["FLOPs(×)"]) == ("50.0", "n/a", "100.0", "1.00×")
+    assert by_input[("image, max_pixels=1176000", "vanilla")]["videomme"] == "n/a"
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "mixed"])
+def test_bad_sweep_dir_is_one_line_exit_2(tmp_path, capsys, make):
+    target = tmp_path / "sweep"
+    if make != "missing":
+        target.mkdir()
+    if make == "mixed":
+        write_job(target / "a", "qwen2vl", "vanilla", 1.0, "mmstar", 60.0, 10.0, 1.0, {"name": "table2"})
+        write_job(target / "b", "qwen2vl", "vanilla", 1.0, "mmstar", 60.0, 10.0, 1.0, {"name": "table4"})
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(target)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: report:")
+    assert ("table2, table4" if make == "mixed" else str(target)) in err[0]
+
+
+def test_wandb_offline_writes_a_run(sweep, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "out"
+    run_report(capsys, str(sweep), "--wandb", "--out", str(out))
+    import wandb
+
+    wandb.teardown()  # run.finish() returns before the service has written the run file; this waits for it
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    logged = json.loads(next(runs[0].glob("files/media/table/*.table.json")).read_text())
+    csv_rows = list(csv.reader(io.StringIO((out / "report.csv").read_text())))
+    assert logged["columns"] == csv_rows[0] and len(logged["data"]) == len(csv_rows) - 1
+    row = next(r for r in logged["data"] if r[:4] == ["ours", "qwen2vl", "image", "fastv"] and r[4] == 0.25)
+    assert row[csv_rows[0].index("avg")] == pytest.approx(65.0)
+    assert list(runs[0].glob("files/media/images/*.png"))
+    assert b"table_test" in next(runs[0].glob("run-*.wandb")).read_bytes()  # the group
+
+
+def test_real_multirun_then_report(mmstar_root, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from explain_prune import evaluate
+
+    sweep_dir = tmp_path / "multirun"
+    monkeypatch.setattr(sys, "argv", [  # in-process, Hydra needs the config dir as a path, not a module
+        "evaluate", "--config-path", str(ROOT / "conf"), "-m", "model=tiny_qwen2vl", "benchmark=mmstar", f"benchmark.root={mmstar_root}", "benchmark.limit=2",
+        "method=vanilla,fastv", "retention=${method.retention}", f"hydra.sweep.dir={sweep_dir}",
+    ])
+    evaluate.main()
+    files = {p.parent.relative_to(sweep_dir).as_posix(): json.loads(p.read_text()) for p in sweep_dir.rglob("results.json")}
+    assert sorted(files) == ["tiny_qwen2vl/mmstar/fastv/r0.25", "tiny_qwen2vl/mmstar/vanilla/r1.0"]
+    vanilla, fastv = files["tiny_qwen2vl/mmstar/vanilla/r1.0"], files["tiny_qwen2vl/mmstar/fastv/r0.25"]
+    capsys.readouterr()
+
+    run_report(capsys, str(sweep_dir))
+    rows = md_rows((sweep_dir / "report.md").read_text())
+    assert sorted(rows) == [("ours", "tiny_qwen2vl", "fastv", "25.0%"), ("ours", "tiny_qwen2vl", "vanilla", "100.0%")]
+    row = rows[("ours", "tiny_qwen2vl", "fastv", "25.0%")]
+    assert row["Input"] == "image"
+    assert row["mmstar"] == f"{fastv['score']['overall']:.1f}"
+    eff = fastv["efficiency"]
+    assert row["FLOPs(×)"] == f"{eff['flops_T'] / eff['vanilla_flops_T']:.2f}×"
+    # FastV at layer 2 of 3 keeps every token in layers 0-1: (1 + 1 + 0.25) / 3 = 75 %, marked *
+    assert row["Layer-avg. retention"] == f"{100 * eff['layer_avg_retention']:.1f}%*" == "75.0%*"
+    base = vanilla["score"]["overall"]
+    expected_avg = f"{100 * fastv['score']['overall'] / base:.1f}" if base else "n/a"  # a zero vanilla cannot normalise
+    assert row["Avg.(%)"] == expected_avg
