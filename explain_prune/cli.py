@@ -15,9 +15,21 @@ register_resolvers()  # ${ep.asset:...} in conf/model/synthetic.yaml must resolv
 log = logging.getLogger("explain_prune")
 
 
+def in_multirun() -> bool:
+    """True inside a job of a Hydra multirun (`-m`, or an experiment that sets hydra.mode)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def task(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a Hydra task: bad input -> one line on stderr and exit code 2 (no traceback);
-    always close a W&B run so multirun jobs do not leak into each other."""
+    always close a W&B run so multirun jobs do not leak into each other.
+
+    In a multirun a bad job must not take the sweep down with it: the error line is printed and
+    the InputError re-raised, so Hydra marks that job failed, runs the remaining ones, and exits
+    non-zero at the end (a SystemExit would stop the sweep at once)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -25,6 +37,8 @@ def task(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except InputError as err:
             print(f"error: {err}", file=sys.stderr)
+            if in_multirun():
+                raise
             sys.exit(2)
         finally:
             wandb = sys.modules.get("wandb")

@@ -126,3 +126,14 @@ def test_missing_benchmark_file_names_it(tmp_path):
     assert proc.returncode != 0
     assert "MMStar" in proc.stderr and "Traceback" not in proc.stderr
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+def test_bad_job_in_a_multirun_does_not_stop_the_sweep(tmp_path):
+    """retention=2.0 is rejected with its one-line error, the r0.5 job still runs, exit is non-zero."""
+    sweep = tmp_path / "sweep"
+    proc = run_evaluate("-m", "model=tiny_qwen2vl", "benchmark=synthetic", "benchmark.limit=1", "method=random",
+                        "retention=2.0,0.5", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode != 0
+    assert "error: retention must be in (0, 1], got 2.0" in proc.stderr
+    done = sorted(p.relative_to(sweep).as_posix() for p in sweep.rglob("results.json"))
+    assert done == ["tiny_qwen2vl/synthetic/random/r0.5/results.json"], done

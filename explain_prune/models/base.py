@@ -244,6 +244,44 @@ class VLM(nn.Module, abc.ABC):
             for c, p in zip(configs, previous):
                 c._attn_implementation = p
 
+    # --- where the visual tokens sit in the input (heat-maps) ------------------------------
+    def visual_token_boxes(
+        self, prompt: VisualPrompt, image_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> torch.Tensor:
+        """[N_v, 7] float64, one row per visual token in `visual_index` order:
+        (first, stop, view, x0, y0, x1, y1).
+
+        Images / frames first .. stop-1 of the sample feed the token (two frames for a Qwen2-VL
+        video token); `view` tells apart the model's views of one image (LLaVA-OneVision: 0 the
+        base thumbnail, 1 the anyres crops; 0 elsewhere); (x0, y0, x1, y1) is the region of that
+        image / frame the token reads, as fractions of its width and height.  Tokens that read no
+        pixel of the input (newline tokens, tokens over padding only) have first = stop = view = -1.
+        `image_sizes` ((H, W) per image / frame) is needed only where the prompt does not fix the
+        geometry (VILA with image_aspect_ratio="pad").
+        """
+        raise InputError(f"model family {self.family!r} does not map its visual tokens to image regions")
+
+    NO_PLACE = (-1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0)  # a `visual_token_boxes` row of a token with no region
+
+    @staticmethod
+    def grid_token_boxes(
+        first: int, stop: int, view: int, y_edges: torch.Tensor, x_edges: torch.Tensor, column_major: bool = False
+    ) -> torch.Tensor:
+        """`visual_token_boxes` rows of an R x C token grid, row-major (or column-major, VILA's order):
+        token (r, c) reads y_edges[r] x x_edges[c] ([R, 2] / [C, 2] (start, end), fractions of the
+        image, clipped to it); a token whose clipped region is empty reads only padding: NO_PLACE."""
+        ys, xs = y_edges.double().clamp(0, 1), x_edges.double().clamp(0, 1)
+        y = ys[:, None, :].expand(len(ys), len(xs), 2)
+        x = xs[None, :, :].expand(len(ys), len(xs), 2)
+        if column_major:
+            y, x = y.transpose(0, 1), x.transpose(0, 1)
+        y, x = y.reshape(-1, 2), x.reshape(-1, 2)
+        place = torch.tensor([first, stop, view], dtype=torch.float64).expand(len(y), 3)
+        rows = torch.cat([place, x[:, :1], y[:, :1], x[:, 1:], y[:, 1:]], dim=-1)
+        empty = (x[:, 1] <= x[:, 0]) | (y[:, 1] <= y[:, 0])
+        rows[empty] = torch.tensor(VLM.NO_PLACE, dtype=torch.float64)
+        return rows
+
 
 def instruction_positions(
     input_ids: torch.Tensor, visual_index: torch.Tensor, suffix_len: int, skip: int = 0

@@ -35,6 +35,7 @@ outside the grid); the segments above give the exact position of every visual to
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -51,7 +52,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 )
 from transformers.utils import cached_file
 
-from explain_prune.data.video import read_frames
+from explain_prune.data.video import read_sample_frames
 from explain_prune.models.base import (
     DecoderParts,
     InputError,
@@ -64,6 +65,7 @@ from explain_prune.models.base import (
     torch_dtype,
 )
 from explain_prune.models.tiny import build_tokenizer
+from explain_prune.models.vision_attention import siglip_token_stats
 
 # chat_template.json of llava-hf/llava-onevision-qwen2-{0.5b,7b,72b}-{si,ov}-hf (no default system
 # turn).  Used for the tiny model and for checkpoints that ship no template.
@@ -360,7 +362,7 @@ class LlavaOneVision(VLM):
         if sample.video is not None:
             frames = sample.video
             if not isinstance(frames, list):
-                frames = read_frames(frames, self.num_frames, sample.meta.get("frame_sampling", self.frame_sampling))
+                frames = read_sample_frames(frames, self.num_frames, sample.meta, self.frame_sampling)
             if not frames:
                 raise InputError(f"sample {sample.id!r}: video has no frames")
             frames = [load_image(f) for f in frames]
@@ -446,3 +448,105 @@ class LlavaOneVision(VLM):
     @property
     def decoder(self) -> DecoderParts:
         return DecoderParts.of(self.model.model.language_model, self.model.lm_head)
+
+    @torch.no_grad()
+    def vision_token_scores(self, prompt: VisualPrompt, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """VisionZip's statistics (methods/visionzip.py) at SigLIP layer `layer`: (attention each patch
+        receives within its tile / frame [N_v], head-mean keys [N_v, head_dim]) in `visual_index` order.
+
+        The per-patch statistics go through the model's own placement of the projected features —
+        `pack_image_features` (base grid, anyres crops, unpadding, bilinear anyres_max downscaling) or
+        `apply_pooling` (bilinear 2x2 video pooling) — so every LLM token gets the statistics of the
+        patches its feature was made from.  Newline tokens are not patches: score +inf (VisionZip keeps
+        them among the dominant tokens, as it keeps [CLS]) and zero keys.
+        """
+        model, meta, device = self.model.model, prompt.meta, self.device
+        if "pixel_values_videos" in meta:
+            pixels = meta["pixel_values_videos"].to(device=device, dtype=self.dtype)
+            run = functools.partial(model.get_video_features, pixels)
+        elif "pixel_values" in meta:
+            sizes = meta["image_sizes"].to(device)
+            pixels = meta["pixel_values"].to(device=device, dtype=self.dtype)
+            run = functools.partial(model.get_image_features, pixels, sizes, batch_num_images=meta["batch_num_images"].to(device))
+        else:
+            raise InputError(f"sample {prompt.sample_id!r}: the prompt carries no pixel values")
+        received, keys = siglip_token_stats(model.vision_tower, layer, run)  # [tiles, p*p], [tiles, p*p, hd]
+        stats = torch.cat([received[..., None], keys], -1)  # [tiles, p*p, 1 + hd]
+        newline = torch.zeros(stats.shape[-1], dtype=stats.dtype, device=stats.device)
+        newline[0] = math.inf
+        if "pixel_values_videos" in meta:
+            tokens = torch.cat([model.apply_pooling(stats).flatten(0, 1), newline[None]])
+        else:
+            n_images = len(sizes)
+            per_image = [stats.shape[0]] if n_images == 1 else [1] * n_images  # anyres tiles / multi-image bases
+            packed, _ = model.pack_image_features(
+                torch.split(stats, per_image), sizes, image_newline=newline, vision_aspect_ratio=self.vision_aspect_ratio
+            )
+            tokens = torch.cat(packed)
+        if tokens.shape[0] != prompt.num_visual:
+            raise InputError(f"sample {prompt.sample_id!r}: {tokens.shape[0]} vision statistics for {prompt.num_visual} visual tokens")
+        return tokens[:, 0].cpu(), tokens[:, 1:].cpu()
+
+    def visual_token_boxes(self, prompt: VisualPrompt, image_sizes: Any = None) -> torch.Tensor:
+        """[N_v, 7] (see VLM.visual_token_boxes), segment by segment (`meta["visual_segments"]`):
+
+        * one image's base grid (view 0): the image stretched to the square tile;
+        * a multi-image base grid (view 0): the image padded to a centred square, then stretched;
+        * anyres crops (view 1): the processor resizes the image into the best pinpoint canvas
+          (centred, zero-padded) cut into tiles; the crop map is unpadded as `unpad_image` does and,
+          when shrunk under anyres_max_N, each token stands for its share of the unpadded map;
+        * video frames: each frame stretched to the tile, p x p patches pooled to ceil(p/2)^2 tokens.
+        p patches of `patch_size` px may stop short of the tile edge (SigLIP 384/14: 378 px), so the
+        last pixels of each tile feed no token.  Newline tokens: NO_PLACE.
+        """
+        from transformers.image_processing_utils import get_patch_output_size
+        from transformers.image_utils import ChannelDimension
+        from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image
+
+        p, tile = self.patches, self.tile
+        patch = int(self.model.config.vision_config.patch_size)
+
+        def shares(n: int, m: int) -> torch.Tensor:
+            """[m, 2] (start, end) of m equal shares of n feature cells, in feature units."""
+            return (torch.arange(m + 1, dtype=torch.float64) * n / m).unfold(0, 2, 1)
+
+        def pixels(f: torch.Tensor) -> torch.Tensor:
+            """Feature-unit (start, end) [m, 2] -> pixels of a canvas of tiles, p patches per tile."""
+            lo = torch.floor(f[:, 0] / p)  # tile of each start
+            hi = torch.ceil(f[:, 1] / p) - 1  # tile of each (exclusive) end
+            return torch.stack([lo * tile + (f[:, 0] - lo * p) * patch, hi * tile + (f[:, 1] - hi * p) * patch], -1)
+
+        newline = torch.tensor([self.NO_PLACE], dtype=torch.float64)
+        sizes = prompt.meta["image_sizes"].tolist() if "image_sizes" in prompt.meta else []
+        parts = []
+        for seg in prompt.meta["visual_segments"]:
+            rows, cols = int(seg["rows"]), int(seg["cols"])
+            if seg["kind"] == "frames":
+                ys, xs = pixels(shares(p, rows)) / tile, pixels(shares(p, cols)) / tile
+                parts += [self.grid_token_boxes(t, t + 1, 0, ys, xs) for t in range(int(seg["t"]))]
+            elif seg["kind"] == "base":
+                i = int(seg["image"])
+                height, width = sizes[i]
+                side = max(height, width) if seg["newline"] == "end" else None  # multi-image: padded square
+                ys, xs = pixels(shares(p, rows)) / tile, pixels(shares(p, cols)) / tile
+                if side is not None:  # pad_to_square centres the image on its longer side
+                    ys = (ys * side - (side - height) // 2) / height
+                    xs = (xs * side - (side - width) // 2) / width
+                parts.append(self.grid_token_boxes(i, i + 1, 0, ys, xs))
+            else:  # anyres crops
+                i = int(seg["image"])
+                height, width = sizes[i]
+                best_h, best_w = select_best_resolution([height, width], self.model.config.image_grid_pinpoints)
+                # the resized image's size inside the canvas, as the processor computes it (no pixels needed)
+                new_h, new_w = get_patch_output_size(np.empty((0, height, width)), (best_h, best_w), ChannelDimension.FIRST)
+                full_h, full_w = p * (best_h // tile), p * (best_w // tile)
+                kept_h, kept_w = unpad_image(torch.empty(0, full_h, full_w), [height, width]).shape[1:]
+                fy = shares(kept_h, rows) + (full_h - kept_h) // 2
+                fx = shares(kept_w, cols) + (full_w - kept_w) // 2
+                ys = (pixels(fy) - (best_h - new_h) // 2) / new_h
+                xs = (pixels(fx) - (best_w - new_w) // 2) / new_w
+                grid = self.grid_token_boxes(i, i + 1, 1, ys, xs).view(rows, cols, 7)
+                parts.append(torch.cat([grid, newline.expand(rows, 1, 7)], 1).flatten(0, 1))  # a newline per row
+            if seg["newline"] == "end":
+                parts.append(newline)
+        return torch.cat(parts)

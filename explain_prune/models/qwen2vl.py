@@ -17,8 +17,9 @@ from PIL import Image
 from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.image_utils import SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
-from explain_prune.data.video import read_frames
+from explain_prune.data.video import read_sample_frames
 from explain_prune.models.base import (
     DecoderParts,
     InputError,
@@ -31,6 +32,7 @@ from explain_prune.models.base import (
     instruction_positions,
 )
 from explain_prune.models.tiny import build_tokenizer
+from explain_prune.models.vision_attention import capture_call, received_attention, vision_block
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 ASSISTANT_OPEN = "<|im_end|>\n<|im_start|>assistant\n"  # closes the user turn, opens the answer
@@ -186,7 +188,7 @@ class Qwen2VL(VLM):
         if sample.video is not None:
             frames = sample.video
             if not isinstance(frames, list):
-                frames = read_frames(frames, self.num_frames, sample.meta.get("frame_sampling", self.frame_sampling))
+                frames = read_sample_frames(frames, self.num_frames, sample.meta, self.frame_sampling)
             if not frames:
                 raise InputError(f"sample {sample.id!r}: video has no frames")
             pixels, grid = self.video_pixels([load_image(f) for f in frames])
@@ -247,3 +249,47 @@ class Qwen2VL(VLM):
     @property
     def decoder(self) -> DecoderParts:
         return DecoderParts.of(self.model.model.language_model, self.model.lm_head)
+
+    @torch.no_grad()
+    def vision_token_scores(self, prompt: VisualPrompt, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """VisionZip's statistics (methods/visionzip.py) at ViT block `layer`: (attention each patch
+        receives within its image / temporal patch [N_v], head-mean pre-RoPE keys [N_v, head_dim]),
+        each averaged over the spatial_merge_size**2 patches the PatchMerger folds into one LLM token."""
+        meta = prompt.meta
+        grid = meta.get("image_grid_thw", meta.get("video_grid_thw"))
+        pixels = meta.get("pixel_values")
+        if grid is None or pixels is None:
+            raise InputError(f"sample {prompt.sample_id!r}: the prompt carries no pixel_values / grid_thw")
+        visual = self.model.model.visual
+        attn = vision_block(visual.blocks, layer).attn
+        args, kwargs = capture_call(
+            attn, lambda: visual(pixels.to(device=self.device, dtype=visual.get_dtype()), grid_thw=grid.to(self.device))
+        )
+        x = args[0] if args else kwargs["hidden_states"]  # [seq, C] after norm1
+        seq = x.shape[0]
+        q, k, _ = attn.qkv(x).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [seq, H, hd]
+        keys = k.mean(1)  # [seq, hd], before RoPE
+        q, k = apply_rotary_pos_emb_vision(q, k, *kwargs["position_embeddings"])
+        bounds = kwargs["cu_seqlens"].tolist()  # one attention window per image / temporal patch
+        received = torch.cat(
+            [received_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), attn.scaling) for a, b in zip(bounds[:-1], bounds[1:])]
+        )
+        group = self.merge**2  # the merger's patches are consecutive in the ViT sequence
+        scores = received.view(-1, group).mean(1)
+        return scores.cpu(), keys.to(scores.dtype).view(-1, group, keys.shape[-1]).mean(1).cpu()
+
+    def visual_token_boxes(self, prompt: VisualPrompt, image_sizes: Any = None) -> torch.Tensor:
+        """[N_v, 7] (see VLM.visual_token_boxes).  Qwen2-VL patches the whole resized image, so the
+        merged (h, w) grid of each image / temporal patch tiles it in raster order; a video token
+        reads frames 2t and 2t + 1 (the second may be the copy an odd frame count gets)."""
+        video = "video_grid_thw" in prompt.meta
+        grids = prompt.meta["video_grid_thw" if video else "image_grid_thw"]
+        frames = self.temporal_patch if video else 1  # inputs per temporal patch
+        parts, first = [], 0
+        for t, h, w in grids.tolist():
+            ys = torch.linspace(0, 1, h // self.merge + 1, dtype=torch.float64).unfold(0, 2, 1)  # [h', 2]
+            xs = torch.linspace(0, 1, w // self.merge + 1, dtype=torch.float64).unfold(0, 2, 1)  # [w', 2]
+            for _ in range(t):
+                parts.append(self.grid_token_boxes(first, first + frames, 0, ys, xs))
+                first += frames
+        return torch.cat(parts)

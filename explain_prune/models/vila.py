@@ -37,6 +37,7 @@ Facts reproduced from the NVlabs/VILA sources (see the module functions for each
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -50,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from explain_prune.data.video import read_frames
+from explain_prune.data.video import read_sample_frames
 from explain_prune.models.base import (
     DecoderParts,
     InputError,
@@ -62,6 +63,7 @@ from explain_prune.models.base import (
     torch_dtype,
 )
 from explain_prune.models.tiny import build_tokenizer
+from explain_prune.models.vision_attention import siglip_token_stats
 
 # llava/conversation.py, llama_3_chat (sep "<|eot_id|>"; the system text is VILA's, verbatim).
 SYSTEM = (
@@ -565,7 +567,7 @@ class Vila(VLM):
         if sample.video is not None:
             frames = sample.video
             if not isinstance(frames, list):
-                frames = read_frames(frames, self.num_frames, sample.meta.get("frame_sampling", self.frame_sampling))
+                frames = read_sample_frames(frames, self.num_frames, sample.meta, self.frame_sampling)
             if not frames:
                 raise InputError(f"sample {sample.id!r}: video has no frames")
             images = [load_image(f) for f in frames]
@@ -615,9 +617,62 @@ class Vila(VLM):
             config=llm.config,
         )
 
+    @torch.no_grad()
+    def vision_token_scores(self, prompt: VisualPrompt, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """VisionZip's statistics (methods/visionzip.py) at SigLIP layer `layer`: (attention each patch
+        receives within its image / frame [N_v], head-mean keys [N_v, head_dim]) in `visual_index` order.
+
+        Pooled like the projector pools features: VILA's own DownSample2x2 groups each 2x2
+        neighbourhood (column-major token order); a token's statistics are the mean over the real
+        patches of its group (the zero-padded row / column of an odd grid does not count).
+        """
+        pixels = prompt.meta.get("pixel_values")
+        if pixels is None:
+            raise InputError(f"sample {prompt.sample_id!r}: the prompt carries no pixel_values")
+        model = self.model
+        received, keys = siglip_token_stats(model.vision_tower, layer, functools.partial(model.vision_features, pixels))
+        if model.mm_vision_select_feature == "patch":  # the features (and so the LLM tokens) skip the first token
+            received, keys = received[:, 1:], keys[:, 1:]
+        real = torch.ones_like(received)[..., None]
+        stats = torch.cat([received[..., None], keys, real], -1)  # [images, s*s, 1 + hd + 1]
+        groups = DownSample2x2()(stats)  # [images, m*m, 4 * (2 + hd)], VILA's token order
+        groups = groups.view(*groups.shape[:2], 4, stats.shape[-1])  # the 4 neighbours of each token
+        pooled = groups[..., :-1].sum(2) / groups[..., -1:].sum(2)  # mean over the real patches
+        tokens = pooled.flatten(0, 1)
+        if tokens.shape[0] != prompt.num_visual:
+            raise InputError(f"sample {prompt.sample_id!r}: {tokens.shape[0]} vision statistics for {prompt.num_visual} visual tokens")
+        return tokens[:, 0].cpu(), tokens[:, 1:].cpu()
+
     @property
     def eos_token_ids(self) -> list[int]:
         """The LM's eos ids plus <|eot_id|>, VILA's llama_3 stop string."""
         ids = super().eos_token_ids
         eot = _token_id(self.tokenizer, SEP)
         return ids + [int(eot)] if eot is not None and int(eot) not in ids else ids
+
+    def visual_token_boxes(self, prompt: VisualPrompt, image_sizes: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+        """[N_v, 7] (see VLM.visual_token_boxes).  Each image / frame becomes the tower's square (stretched
+        under "resize"; under "pad" first centred on a square of its longer side, which needs
+        `image_sizes`); token k reads the 2x2 patch group at row pair k % m, column pair k // m (VILA's
+        column-major order).  The zero row / column padding an odd grid adds no pixels, and s patches of
+        `patch_size` px may stop short of the edge (SigLIP 384/14: 378 px), so the last pixels feed no token."""
+        vcfg = self.model.vision_tower.config
+        s, patch, size = self.model.vision_grid, int(vcfg.patch_size), int(vcfg.image_size)
+        pairs = torch.arange((s + 1) // 2, dtype=torch.float64)
+        edges = torch.stack([2 * pairs, (2 * pairs + 2).clamp(max=s)], -1) * patch / size  # [m, 2], fractions of the square
+        n_images = prompt.num_visual // self.model.tokens_per_image
+        pad = self.image_processor.aspect_ratio == "pad"
+        if pad and (image_sizes is None or len(image_sizes) != n_images):
+            raise InputError(
+                f"model {self.name}: with image_aspect_ratio='pad' the token boxes need image_sizes, (H, W) of each of "
+                f"the {n_images} images / frames"
+            )
+        parts = []
+        for i in range(n_images):
+            ys = xs = edges
+            if pad:
+                height, width = image_sizes[i]
+                side = max(height, width)
+                ys, xs = (edges * side - (side - height) // 2) / height, (edges * side - (side - width) // 2) / width
+            parts.append(self.grid_token_boxes(i, i + 1, 0, ys, xs, column_major=True))
+        return torch.cat(parts)
