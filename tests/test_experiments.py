@@ -34,7 +34,7 @@ from test_evaluate import b64_image
 CONF = ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SWEEP_KEYS = {"model", "benchmark", "experiment/arm"}
-PAPER_ONLY = {"fastvid", "prunevid", "visionzip"}  # Table 10 rows of methods this sweep cannot run (see table10.yaml)
+PAPER_ONLY = {"fastvid", "prunevid"}  # Table 10 rows of methods this sweep cannot run (see table10.yaml)
 ROW_KEYS = {"model", "method", "retention", "scores", "options", *report.PAPER_VALUE_KEYS}
 DECIMALS = {"mme": 1, "mmbench_video": 2}  # printed decimals of the paper's scores (1 for the rest)
 # App. C's reference inputs of the paper's FLOPs: visual tokens per (model, modality)
