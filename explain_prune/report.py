@@ -3,7 +3,8 @@
     python -m explain_prune.report outputs/evaluate/sweeps/<stamp> [--out DIR] [--wandb] [--project NAME]
 
 Reads every `results.json` under the directory (recursively), keys each job by (model, input
-settings, method or experiment-arm variant, retention) from the config saved in it, and writes
+settings, method or experiment-arm variant, retention) from the config saved in it (a model's image and
+video jobs share a row when it has one input per modality: Table 1, Figure 3), and writes
 report.md (also printed), report.csv and report.tex plus preservation_vs_flops.png into the
 directory (or --out).  The experiment block saved with the jobs (`experiment=<table>`)
 gives the title, the column order, the layout (`kind`: scores | flops | efficiency) and the
@@ -13,6 +14,9 @@ Definitions (docs/report.md):
   Avg.(%)  mean over the row's benchmarks of score / score of the vanilla row of the same model and
            input × 100 (the paper's "performance preservation"); n/a without a vanilla row (or with
            a zero vanilla score), † when it misses a benchmark that other rows of its model and input have.
+  Avg. <group>(%)  the same mean over one group of benchmarks: experiment.groups (Table 1's image and video
+           halves, Figure 3's two averages) or, when the columns mix image and video benchmarks, one group
+           per modality; the paper rows' `avg_<group>` go under it.
   FLOPs    LLM FLOPs on the visual tokens (App. C, Eq. 4), per sample, mean over the row's
            benchmarks: (T) in trillions, (×) relative to the same samples unpruned.
   *        the measured layer-averaged retention differs (at the shown precision) from the nominal
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import os
 import sys
@@ -45,6 +50,7 @@ from explain_prune.models.base import InputError
 KINDS = ("scores", "flops", "efficiency")
 DEFAULT_METHOD_ORDER = ("vanilla", "random", "gae", "fastv", "pdrop", "dart", "visionzip", "ours")
 PLOT = "preservation_vs_flops.png"
+SCORE_PLACES = {"mmbench_video": 2}  # its judge's 0-3 mean score: the paper prints 2 decimals (0.41 vs 0.38)
 MIB = 2**20
 # experiment.paper row keys that map onto table columns (besides model, method, retention, scores, input)
 PAPER_VALUE_KEYS = (
@@ -55,14 +61,15 @@ IDENTITY_COLUMNS = [
     ("source", "Source"), ("model", "Model"), ("input", "Input"), ("method", "Method"),
     ("retention", "Retention"), ("layer_avg_retention", "Layer-avg. retention"),
 ]
+# kind -> (columns before the benchmarks, name of its preservation average or None)
 KIND_COLUMNS = {
-    "scores": ([("flops_x", "FLOPs(×)")], [("avg", "Avg.(%)")]),
-    "flops": ([("flops_T", "FLOPs(T)"), ("flops_x", "FLOPs(×)")], [("avg", "Preservation(%)")]),
+    "scores": ([("flops_x", "FLOPs(×)")], "Avg."),
+    "flops": ([("flops_T", "FLOPs(T)"), ("flops_x", "FLOPs(×)")], "Preservation"),
     "efficiency": (
         [("flops_x", "FLOPs(×)"), ("flops_T", "FLOPs(T)"), ("prefill_ms", "Prefill (ms/sample)"),
          ("total_ms", "Total (ms/sample)"), ("kv_mib", "KV cache (MiB)"), ("prefill_speedup", "Prefill speedup"),
          ("total_speedup", "Total speedup")],
-        [],
+        None,
     ),
 }
 
@@ -73,7 +80,8 @@ class Job:
 
     path: Path
     model: str
-    modality: str
+    modality: str  # the benchmark's: the experiment's modality_of entry, else the job's modality group
+    modality_of: dict[str, str]  # the experiment's benchmark -> modality map (empty outside experiments)
     settings: dict[str, Any]  # the model's input budget for that modality (pixels, frames, ...)
     method: str
     variant: str  # the experiment arm's `variant` (fastv_l1, gae_mean, ...), else the method name
@@ -99,8 +107,9 @@ class Row:
     retention: float
     options: dict[str, Any] = field(default_factory=dict)  # method options (a paper row's tell its variants apart)
     scores: dict[str, float | None] = field(default_factory=dict)
-    values: dict[str, float | None] = field(default_factory=dict)  # flops_x, avg, kv_mib, ...
-    avg_over: tuple[int, int] | None = None  # (benchmarks averaged, benchmarks its model and input have)
+    values: dict[str, float | None] = field(default_factory=dict)  # flops_x, avg, avg_<group>, kv_mib, ...
+    # per average (avg, avg_<group>): (benchmarks averaged, benchmarks of its span its model and input have)
+    avg_over: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,7 +117,8 @@ class Table:
     name: str
     title: str
     kind: str
-    columns: list[str]  # benchmarks
+    columns: list[str]  # benchmarks, each group's together
+    groups: dict[str, list[str]]  # group name -> its benchmarks (each has an avg_<group> column)
     rows: list[Row]
     warnings: list[str]
     sweep_dir: Path
@@ -130,11 +140,13 @@ def _select(cfg: DictConfig, key: str) -> Any:
 
 def input_settings(cfg: DictConfig, modality: str) -> dict[str, Any]:
     """The scalar settings of the model's `<modality>:` block (pixel budget, frames, sampling, ...),
-    with the modality group's own values winning, as the model adapters apply them."""
+    with the modality group's own values winning when the group is that modality, as the model adapters
+    apply them (a sweep's video group and its frame count leave its image benchmarks' input alone)."""
     block = _select(cfg, f"model.{modality}") or {}
-    overrides = _select(cfg, "modality") or {}
+    group = _select(cfg, "modality") or {}
     settings = {k: v for k, v in block.items() if not isinstance(v, (dict, list))}
-    settings.update({k: v for k, v in overrides.items() if k != "name" and v is not None and not isinstance(v, (dict, list))})
+    if group.get("name", modality) == modality:
+        settings.update({k: v for k, v in group.items() if k != "name" and v is not None and not isinstance(v, (dict, list))})
     return settings
 
 
@@ -145,12 +157,17 @@ def _read_job(path: Path) -> Job:
         raise ValueError(f"lacks {', '.join(missing)}")
     config = data.get("config") or {}
     cfg = OmegaConf.create(config)
-    modality = str(_select(cfg, "modality.name") or (data.get("choices") or {}).get("modality") or "image")
+    # an experiment sweeps image and video benchmarks under one modality group (Table 1: video, whose
+    # frame count image benchmarks ignore); its modality_of map says which each benchmark is
+    modality_of = {str(b): str(m) for b, m in (_select(cfg, "modality_of") or {}).items()}
+    group = _select(cfg, "modality.name") or (data.get("choices") or {}).get("modality") or "image"
+    modality = modality_of.get(str(data["benchmark"]), str(group))
     experiment = config.get("experiment")
     return Job(
         path=path,
         model=str(data["model"]),
         modality=modality,
+        modality_of=modality_of,
         settings=input_settings(cfg, modality),
         method=str(data["method"]),
         variant=str(_select(cfg, "variant") or data["method"]),
@@ -217,21 +234,33 @@ def _varying(jobs: Sequence[Job], group_of: Callable[[Job], Any], values_of: Cal
 
 
 def _labels(jobs: Sequence[Job]) -> tuple[dict[int, str], dict[int, str]]:
-    """Display labels that tell apart what the sweep varies: input = modality (+ frames for video) plus
-    the settings that differ between a model's jobs; method = the variant (the method name unless an
-    experiment arm names it, e.g. fastv_l1) plus the options that still differ between its jobs of
-    one model and input (e.g. FastV at layer 2 and 4 in a plain sweep; not a per-model checkpoint)."""
+    """Display labels that tell apart what the sweep varies: input = the benchmark's modality (+ frames
+    for video) plus the settings that differ between a model's jobs of that modality; when a model has
+    one such input per modality (Table 1, Figure 3: image and video benchmarks in one sweep), its image
+    and video jobs share rows under both inputs, `image; video, 8 frames`.  method = the variant (the
+    method name unless an experiment arm names it, e.g. fastv_l1) plus the options that still differ
+    between its jobs of one model and input (e.g. FastV at layer 2 and 4 in a plain sweep; not a
+    per-model or per-modality checkpoint)."""
     settings = _varying(jobs, lambda j: (j.model, j.modality), lambda j: {k: v for k, v in j.settings.items() if k != "num_frames"})
     options = _varying(jobs, lambda j: (j.model, j.modality, j.settings_key, j.variant), lambda j: j.options)
-    inputs, methods = {}, {}
+    own, methods = {}, {}
+    per_model: dict[str, dict[str, set[str]]] = {}
     for job in jobs:
         frames = [f"{job.settings['num_frames']} frames"] if job.modality == "video" and job.settings.get("num_frames") else []
-        inputs[id(job)] = ", ".join([job.modality, *frames, *settings[id(job)]])
+        own[id(job)] = ", ".join([job.modality, *frames, *settings[id(job)]])
+        per_model.setdefault(job.model, {}).setdefault(job.modality, set()).add(own[id(job)])
         methods[id(job)] = f"{job.variant} ({', '.join(options[id(job)])})" if options[id(job)] else job.variant
+    inputs = {}
+    for job in jobs:
+        by_modality = per_model[job.model]
+        shared = len(by_modality) > 1 and all(len(labels) == 1 for labels in by_modality.values())
+        inputs[id(job)] = "; ".join(min(by_modality[m]) for m in sorted(by_modality)) if shared else own[id(job)]
     return inputs, methods
 
 
-def _summarize(source_jobs: Sequence[Job]) -> dict[str, float | None]:
+def _summarize(source_jobs: Sequence[Job], groups: Mapping[str, Sequence[str]]) -> dict[str, float | None]:
+    """The row's efficiency values, plus flops_T_<group>: mean FLOPs(T) over that group's benchmarks (the
+    plot's x for the group's average)."""
     eff = [j.efficiency for j in source_jobs]
 
     def mean(key: str) -> float | None:
@@ -248,6 +277,8 @@ def _summarize(source_jobs: Sequence[Job]) -> dict[str, float | None]:
         "prefill_ms": None if prefill is None else 1000 * prefill,
         "total_ms": None if prefill is None or decode is None else 1000 * (prefill + decode),
         "kv_mib": None if kv is None else kv / MIB,
+        **{f"flops_T_{g}": _mean(j.efficiency.get("flops_T") for j in source_jobs if j.benchmark in members)
+           for g, members in groups.items()},
     }
 
 
@@ -257,14 +288,43 @@ def _order(names: Iterable[str], preferred: Sequence[str]) -> list[str]:
     return first + sorted(n for n in names if n not in first)
 
 
-def _paper_rows(experiment: Mapping[str, Any], columns: Sequence[str], warnings: list[str]) -> list[Row]:
+def avg_key(group: str | None) -> str:
+    """The column of a group's preservation average (None: the row's overall Avg.)."""
+    return "avg" if group is None else f"avg_{group}"
+
+
+def benchmark_groups(experiment: Mapping[str, Any], jobs: Sequence[Job], columns: Sequence[str]) -> dict[str, list[str]]:
+    """The table's named benchmark groups, each with its own average: experiment.groups (the image and
+    video halves Table 1 prints, the two averages Figure 3 plots) or, when the columns mix image and
+    video benchmarks, one group per modality (a column's modality_of entry, else its jobs')."""
+    given = experiment.get("groups")
+    if given is not None:
+        if not isinstance(given, Mapping) or not all(isinstance(m, list) and m for m in given.values()):
+            raise InputError(f"report: experiment.groups must map each group name to a list of benchmarks, got {given!r}")
+        members = [str(b) for m in given.values() for b in m]
+        twice = sorted({b for b in members if members.count(b) > 1})
+        if twice:
+            raise InputError(f"report: experiment.groups lists {', '.join(twice)} in more than one group")
+        return {str(g): [str(b) for b in m] for g, m in given.items()}
+    modality = {b: m for job in jobs for b, m in job.modality_of.items()}
+    modality.update({job.benchmark: job.modality for job in jobs})
+    groups: dict[str, list[str]] = {}
+    for benchmark in columns:
+        if benchmark in modality:
+            groups.setdefault(modality[benchmark], []).append(benchmark)
+    return groups if len(groups) > 1 else {}
+
+
+def _paper_rows(experiment: Mapping[str, Any], columns: Sequence[str], groups: Mapping[str, Sequence[str]],
+                warnings: list[str]) -> list[Row]:
+    value_keys = (*PAPER_VALUE_KEYS, *(avg_key(g) for g in groups))
     rows = []
     unknown: set[str] = set()
     for entry in experiment.get("paper") or []:
         if not all(k in entry for k in ("model", "method", "retention")):
             warnings.append(f"experiment.paper row without model/method/retention ignored: {entry}")
             continue
-        unknown |= set(entry) - {"model", "method", "retention", "scores", "input", "options", *PAPER_VALUE_KEYS}
+        unknown |= set(entry) - {"model", "method", "retention", "scores", "input", "options", *value_keys}
         scores = dict(entry.get("scores") or {})
         unknown |= {f"scores.{b}" for b in scores if b not in columns}
         options = dict(entry.get("options") or {})
@@ -272,7 +332,7 @@ def _paper_rows(experiment: Mapping[str, Any], columns: Sequence[str], warnings:
         rows.append(Row(
             source="paper", model=str(entry["model"]), input=str(entry.get("input", "")), method=label,
             method_name=str(entry["method"]), retention=float(entry["retention"]), options=options,
-            scores={b: scores.get(b) for b in columns}, values={k: entry.get(k) for k in PAPER_VALUE_KEYS},
+            scores={b: scores.get(b) for b in columns}, values={k: entry.get(k) for k in value_keys},
         ))
     if unknown:
         warnings.append(f"experiment.paper keys not shown (no such column): {', '.join(sorted(unknown))}")
@@ -287,6 +347,8 @@ def build_table(sweep_dir: str | Path) -> Table:
     if kind not in KINDS:
         raise InputError(f"report: experiment.kind must be one of {', '.join(KINDS)}, got {kind!r}")
     columns = list(dict.fromkeys([*(experiment.get("columns") or []), *sorted({j.benchmark for j in jobs})]))
+    groups = benchmark_groups(experiment, jobs, columns)
+    columns = list(dict.fromkeys([*(b for members in groups.values() for b in members), *columns]))
     inputs, methods = _labels(jobs)
 
     cells: dict[tuple, dict[str, Job]] = {}
@@ -299,7 +361,7 @@ def build_table(sweep_dir: str | Path) -> Table:
             job = keep
         cells[key][job.benchmark] = job
 
-    paper = _paper_rows(experiment, columns, warnings)
+    paper = _paper_rows(experiment, columns, groups, warnings)
     method_order = _order([r.method_name for r in paper], DEFAULT_METHOD_ORDER)
     method_rank = {m: i for i, m in enumerate(_order([j.method for j in jobs], method_order))}
     model_order = _order([k[0] for k in cells], [r.model for r in paper])
@@ -313,21 +375,22 @@ def build_table(sweep_dir: str | Path) -> Table:
             source="ours", model=key[0], input=key[1], method=key[2], method_name=method_of[key], retention=key[3],
             options=next(iter(by_bench.values())).options,
             scores={b: by_bench[b].score if b in by_bench else None for b in columns},
-            values=_summarize(list(by_bench.values())),
+            values=_summarize(list(by_bench.values()), groups),
         ))
-    _preservation(ours, columns, warnings)
+    _preservation(ours, columns, groups, warnings)
     return Table(
         name=str(experiment.get("name") or Path(sweep_dir).resolve().name),
         title=str(experiment.get("title") or f"Sweep {sweep_dir}"),
-        kind=kind, columns=columns, rows=_interleave(ours, paper), warnings=warnings,
+        kind=kind, columns=columns, groups=groups, rows=_interleave(ours, paper), warnings=warnings,
         sweep_dir=Path(sweep_dir), num_jobs=len(jobs),
     )
 
 
-def _preservation(rows: list[Row], columns: Sequence[str], warnings: list[str]) -> None:
-    """Avg.(%) and speedups against the vanilla row of the same (model, input).  A row's benchmarks
-    are those its (model, input) group has any score for, so image rows of a table that also has
-    video columns are not counted as partial."""
+def _preservation(rows: list[Row], columns: Sequence[str], groups: Mapping[str, Sequence[str]], warnings: list[str]) -> None:
+    """Avg.(%), each group's Avg. and the speedups against the vanilla row of the same (model, input).
+    A row's benchmarks are those its (model, input) group has any score for, so image rows of a table
+    that also has video columns are not counted as partial."""
+    spans = {avg_key(None): list(columns), **{avg_key(g): list(members) for g, members in groups.items()}}
     vanilla = {(r.model, r.input): r for r in rows if r.method_name == "vanilla"}
     benchmarks: dict[tuple[str, str], set[str]] = {}
     for row in rows:
@@ -339,19 +402,22 @@ def _preservation(rows: list[Row], columns: Sequence[str], warnings: list[str]) 
     for row in rows:
         base = vanilla.get((row.model, row.input))
         if base is None:
-            row.values.update(avg=None, prefill_speedup=None, total_speedup=None)
+            row.values.update(dict.fromkeys([*spans, "prefill_speedup", "total_speedup"]))
             continue
-        expected = [b for b in columns if b in benchmarks[(row.model, row.input)]]
-        used = [b for b in expected if row.scores.get(b) is not None and base.scores.get(b)]
-        row.values["avg"] = _mean(100.0 * row.scores[b] / base.scores[b] for b in used)
-        row.avg_over = (len(used), len(expected))
+        have = benchmarks[(row.model, row.input)]
+        used = {b for b in have if row.scores.get(b) is not None and base.scores.get(b)}
+        for key, span in spans.items():
+            expected = [b for b in span if b in have]
+            kept = [b for b in expected if b in used]
+            row.values[key] = _mean(100.0 * row.scores[b] / base.scores[b] for b in kept)
+            row.avg_over[key] = (len(kept), len(expected))
         row.values["prefill_speedup"] = _ratio(base.values.get("prefill_ms"), row.values.get("prefill_ms"))
         row.values["total_speedup"] = _ratio(base.values.get("total_ms"), row.values.get("total_ms"))
-        if len(used) < len(expected):
+        missing = [b for b in columns if b in have and b not in used]
+        if missing:
             warnings.append(
                 f"{row.model} ({row.input}) {row.method} r={row.retention:g}: Avg.(%) over {len(used)} of "
-                f"{len(expected)} benchmarks (no score or no non-zero vanilla score: "
-                f"{', '.join(b for b in expected if b not in used)})"
+                f"{len(have)} benchmarks (no score or no non-zero vanilla score: {', '.join(missing)})"
             )
 
 
@@ -380,9 +446,22 @@ def _interleave(ours: list[Row], paper: list[Row]) -> list[Row]:
 # --- rendering ---------------------------------------------------------------------------------
 
 
+def _columns(table: Table) -> list[tuple[str, str, str]]:
+    """(key, header, group or "") per column: each group's benchmarks, closed by its average as Table 1
+    prints them, then the other benchmarks and the row's overall average."""
+    before, avg = KIND_COLUMNS[table.kind]
+    group_of = {b: g for g, members in table.groups.items() for b in members}
+    out = [(key, header, "") for key, header in [*IDENTITY_COLUMNS, *before]]
+    for benchmark in table.columns:
+        group = group_of.get(benchmark, "")
+        out.append((benchmark, benchmark, group))
+        if avg and group and benchmark == table.groups[group][-1]:
+            out.append((avg_key(group), f"{avg} {group}(%)", group))
+    return out + ([(avg_key(None), f"{avg}(%)", "")] if avg else [])
+
+
 def table_columns(table: Table) -> list[tuple[str, str]]:
-    before, after = KIND_COLUMNS[table.kind]
-    return [*IDENTITY_COLUMNS, *before, *[(b, b) for b in table.columns], *after]
+    return [(key, header) for key, header, _ in _columns(table)]
 
 
 def layer_star(row: Row) -> bool:
@@ -411,9 +490,11 @@ def cell(row: Row, key: str) -> str:
         return f"{100 * value:.1f}%" + ("*" if layer_star(row) else "")
     if key in ("flops_x", "prefill_speedup", "total_speedup"):
         return f"{value:.2f}×"
-    if key == "avg":
-        partial = row.avg_over is not None and row.avg_over[0] < row.avg_over[1]
-        return _num(value, 1) + ("†" if partial else "")
+    if key in row.scores:
+        return _num(value, SCORE_PLACES.get(key, 1))
+    if key in row.avg_over:
+        used, expected = row.avg_over[key]
+        return _num(value, 1) + ("†" if used < expected else "")
     return _num(value, 2 if key == "kv_mib" else 1)
 
 
@@ -428,6 +509,13 @@ def notes(table: Table) -> list[str]:
          "(×) relative to the same samples unpruned."),
         "Layer-avg. retention: kept visual tokens averaged over the LLM layers; * = differs from the nominal retention.",
     ]
+    avg = KIND_COLUMNS[table.kind][1]
+    if table.groups and avg:
+        lines.append(
+            ", ".join(f"{avg} {g}(%)" for g in table.groups) + ": the same mean over that group's benchmarks only ("
+            + "; ".join(f"{g}: {', '.join(members)}" for g, members in table.groups.items())
+            + "), each with its own † and n/a; on paper rows, the paper's " + ", ".join(avg_key(g) for g in table.groups) + "."
+        )
     if table.kind == "efficiency":
         lines.append("Times are per sample (prefill, prefill + decode); speedups are the vanilla row's time / this row's.")
     return lines
@@ -447,24 +535,31 @@ def render_markdown(table: Table) -> str:
     return "\n".join(out) + "\n"
 
 
+def _over_columns(table: Table) -> dict[str, str]:
+    """CSV column `<average>_over` -> its average's key, for each average column of the table."""
+    averages = {avg_key(None), *(avg_key(g) for g in table.groups)}
+    return {f"{key}_over": key for key, _ in table_columns(table) if key in averages}
+
+
 def csv_header(table: Table) -> list[str]:
     keys = [key for key, _ in table_columns(table)]
     keys.insert(keys.index("layer_avg_retention") + 1, "layer_avg_star")
-    if "avg" in keys:
-        keys.append("avg_over")
-    return keys
+    return keys + list(_over_columns(table))
 
 
 def csv_values(table: Table, row: Row) -> list[Any]:
-    """Raw numbers (full precision; None for n/a), `*` in layer_avg_star, `k/n` in avg_over."""
+    """Raw numbers (full precision; None for n/a), `*` in layer_avg_star, `k/n` in avg_over (and
+    avg_<group>_over)."""
+    over = _over_columns(table)
     values = []
     for key in csv_header(table):
         if key in ("source", "model", "input", "method", "retention"):
             values.append(getattr(row, key))
         elif key == "layer_avg_star":
             values.append("*" if layer_star(row) else "")
-        elif key == "avg_over":
-            values.append(f"{row.avg_over[0]}/{row.avg_over[1]}" if row.avg_over else "")
+        elif key in over:
+            counts = row.avg_over.get(over[key])
+            values.append(f"{counts[0]}/{counts[1]}" if counts else "")
         else:
             values.append(row.scores[key] if key in row.scores else row.values.get(key))
     return values
@@ -487,12 +582,27 @@ def latex_escape(text: str) -> str:
     return "".join(LATEX_ESCAPES.get(ch, ch) for ch in text)
 
 
+def _latex_band(table: Table) -> list[str]:
+    """The header band over each group's columns (Table 1's "Image Benchmark" / "Video Benchmark")."""
+    band, rules, start = [], [], 1
+    for group, span in itertools.groupby(group for _, _, group in _columns(table)):
+        width = len(list(span))
+        if group:
+            band.append(f"\\multicolumn{{{width}}}{{c}}{{{latex_escape(group)} benchmarks}}")
+            rules.append(f"\\cmidrule(lr){{{start}-{start + width - 1}}}")
+        else:
+            band += [""] * width
+        start += width
+    return [" & ".join(band) + " \\\\", " ".join(rules)]
+
+
 def render_latex(table: Table) -> str:
     cols = table_columns(table)
     out = [
         f"% {table.title} -- python -m explain_prune.report {table.sweep_dir} (needs \\usepackage{{booktabs}})",
         "\\begin{tabular}{" + "l" * len(IDENTITY_COLUMNS) + "r" * (len(cols) - len(IDENTITY_COLUMNS)) + "}",
         "\\toprule",
+        *(_latex_band(table) if table.groups else []),
         " & ".join(latex_escape(h) for _, h in cols) + " \\\\",
         "\\midrule",
     ]
@@ -502,16 +612,27 @@ def render_latex(table: Table) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(table: Table, path: Path) -> bool:
-    """Figure-3-style preservation (Avg.%) vs FLOPs(T): one panel per (model, input) of our rows, one
-    line per method over its retentions, vanilla as a star.  Rows whose Avg. misses a benchmark (†)
-    are left out, as they are not comparable.  False (no file) when nothing is plottable."""
-    points: dict[tuple[str, str], dict[str, list[tuple[float, float, float]]]] = {}
+def plot_points(table: Table) -> dict[tuple[str, str, str], dict[str, list[tuple[float, float, float]]]]:
+    """(model, input, group) -> method -> [(FLOPs(T), preservation %, retention)] over our rows.  Without
+    groups (group ""): the row's Avg. against its mean FLOPs(T).  With groups: per group, the group's
+    Avg. against the mean FLOPs(T) of that group's benchmarks only, as an image and a video job of one
+    row differ in FLOPs by an order of magnitude and the row's overall mean would place neither.
+    Points whose average misses a benchmark (†) are left out, as they are not comparable."""
+    series = [(g, f"flops_T_{g}", avg_key(g)) for g in table.groups] or [("", "flops_T", avg_key(None))]
+    points: dict[tuple[str, str, str], dict[str, list[tuple[float, float, float]]]] = {}
     for row in table.rows:
-        flops, avg = row.values.get("flops_T"), row.values.get("avg")
-        full = row.avg_over is not None and row.avg_over[0] == row.avg_over[1]
-        if row.source == "ours" and flops is not None and avg is not None and full:
-            points.setdefault((row.model, row.input), {}).setdefault(row.method, []).append((flops, avg, row.retention))
+        for group, x_key, y_key in series:
+            flops, avg, counts = row.values.get(x_key), row.values.get(y_key), row.avg_over.get(y_key)
+            if row.source == "ours" and flops is not None and avg is not None and counts and counts[0] == counts[1]:
+                points.setdefault((row.model, row.input, group), {}).setdefault(row.method, []).append((flops, avg, row.retention))
+    return points
+
+
+def plot(table: Table, path: Path) -> bool:
+    """Figure-3-style preservation vs FLOPs(T) (plot_points): one panel per (model, input) or, with
+    groups, per (model, input, group); one line per method over its retentions, vanilla as a star.
+    False (no file) when nothing is plottable."""
+    points = plot_points(table)
     if not points:
         return False
     from matplotlib import colormaps
@@ -521,7 +642,7 @@ def plot(table: Table, path: Path) -> bool:
     colors = {m: colormaps["tab10"](i % 10) for i, m in enumerate(methods)}
     fig = Figure(figsize=(5 * len(points), 4))
     axes = fig.subplots(1, len(points), squeeze=False)
-    for ax, (group, series) in zip(axes[0], points.items()):
+    for ax, ((model, inputs, benchmarks), series) in zip(axes[0], points.items()):
         for method, pts in series.items():
             pts.sort()
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -531,9 +652,9 @@ def plot(table: Table, path: Path) -> bool:
             ax.plot(xs, ys, marker="o", color=colors[method], label=method)
             for x, y, r in pts:
                 ax.annotate(f"{100 * r:.0f}%", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set_title(f"{group[0]} ({group[1]})", fontsize=9)
-        ax.set_xlabel("FLOPs (T)")
-        ax.set_ylabel("Avg. preservation (%)")
+        ax.set_title(f"{model} ({inputs})" + (f": {benchmarks} benchmarks" if benchmarks else ""), fontsize=9)
+        ax.set_xlabel(f"FLOPs (T), mean over the {benchmarks} benchmarks" if benchmarks else "FLOPs (T)")
+        ax.set_ylabel(f"Avg. {benchmarks} preservation (%)" if benchmarks else "Avg. preservation (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(table.title, fontsize=10)

@@ -1,7 +1,9 @@
 """`python -m explain_prune.report`: a hand-written sweep (two models, vanilla + FastV + ours at three
 retentions, two benchmarks, one job missing) rendered as Markdown / CSV / LaTeX and checked number by
-number against hand computations (in the comments); missing vanilla rows, the efficiency and FLOPs
-layouts, bad directories, `--wandb` offline; and a real tiny-model multirun followed by the report."""
+number against hand computations (in the comments); a mixed image + video sweep (per-modality averages,
+inputs and plot panels, checked the same way) and the composed Table 1 / Figure 3 paper rows; missing
+vanilla rows, the efficiency and FLOPs layouts, bad directories and groups, `--wandb` offline; and a real
+tiny-model multirun followed by the report."""
 
 from __future__ import annotations
 
@@ -88,6 +90,13 @@ def write_job(root: Path, model: str, method: str, retention: float, benchmark: 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results))
     return path
+
+
+def edit_config(path: Path, **config) -> None:
+    """Replace top-level keys of the config saved in a results.json."""
+    data = json.loads(path.read_text())
+    data["config"].update(config)
+    path.write_text(json.dumps(data))
 
 
 @pytest.fixture()
@@ -269,20 +278,14 @@ def test_input_settings_key_the_rows(tmp_path, capsys):
     # Table 7 style: two pixel budgets of one model, each with its own vanilla row; plus a video job
     # whose modality.num_frames=32 overrides the model's 8 frames
     experiment = {"name": "table7_test", "title": "Inputs", "kind": "scores", "columns": ["mmstar"]}
-
-    def edit(path: Path, **config) -> None:
-        data = json.loads(path.read_text())
-        data["config"].update(config)
-        path.write_text(json.dumps(data))
-
     for pixels, (vanilla, ours) in {1176000: (60.0, 54.0), 4000000: (64.0, 60.8)}.items():
         for method, retention, score in (("vanilla", 1.0, vanilla), ("ours", 0.25, ours)):
             path = write_job(tmp_path / str(pixels), "qwen2vl", method, retention, "mmstar", score, 10 * retention,
                              retention, experiment)
-            edit(path, model={"name": "qwen2vl", "image": {"min_pixels": 3136, "max_pixels": pixels}})
+            edit_config(path, model={"name": "qwen2vl", "image": {"min_pixels": 3136, "max_pixels": pixels}})
     path = write_job(tmp_path / "video", "qwen2vl", "vanilla", 1.0, "videomme", 50.0, 40.0, 1.0, experiment,
                      vanilla_flops=40.0)
-    edit(path, modality={"name": "video", "num_frames": 32, "sampling": None},
+    edit_config(path, modality={"name": "video", "num_frames": 32, "sampling": None},
          model={"name": "qwen2vl", "video": {"num_frames": 8, "max_pixels": 254016, "sampling": "linspace"}})
     run_report(capsys, str(tmp_path))
     by_input = {(cells["Input"], cells["Method"]): cells for cells in md_table((tmp_path / "report.md").read_text())}
@@ -294,6 +297,180 @@ def test_input_settings_key_the_rows(tmp_path, capsys):
     assert (video["videomme"], video["mmstar"], video["Avg.(%)"], video["FLOPs(×)"]) == ("50.0", "n/a", "100.0", "1.00×")
     assert by_input[("image, max_pixels=1176000", "vanilla")]["videomme"] == "n/a"
 
+
+# --- a mixed image + video sweep (Table 1 / Figure 3 shape) ---------------------------------------
+# One sweep under the video modality group (32 frames) over two image benchmarks and one video
+# benchmark, as experiment=table1 / figure3 run them: the saved modality_of map says which is which.
+MIXED_EXPERIMENT = {
+    "name": "mixed_test", "title": "Table M: image + video", "kind": "scores", "columns": ["mmstar", "pope", "videomme"],
+    "paper": [
+        {"model": "qwen2vl", "method": "vanilla", "retention": 1.0, "scores": {"mmstar": 60.4, "pope": 87.5, "videomme": 57.1},
+         "avg_image": 100.0, "avg_video": 100.0},
+        {"model": "qwen2vl", "method": "fastv", "retention": 0.25, "flops_x": 0.25,
+         "scores": {"mmstar": 55.0, "pope": 77.6, "videomme": 53.0}, "avg_image": 89.9, "avg_video": 92.8},
+    ],
+}
+MODALITY_OF = {"mmstar": "image", "pope": "image", "videomme": "video"}
+# (method, retention) -> {benchmark: (score, flops_T)}, layer-averaged retention; vanilla FLOPs: 10 T per
+# image sample, 40 T per video sample.  The ours job on pope is missing.
+MIXED = {
+    ("vanilla", 1.0): ({"mmstar": (60.0, 10.0), "pope": (80.0, 10.0), "videomme": (50.0, 40.0)}, 1.0),
+    ("fastv", 0.25): ({"mmstar": (30.0, 3.0), "pope": (64.0, 3.0), "videomme": (45.0, 11.0)}, 8.5 / 28),
+    ("ours", 0.25): ({"mmstar": (51.0, 2.4), "videomme": (47.5, 9.6)}, 0.25),
+}
+MIXED_INPUT = "image; video, 32 frames"  # image benchmarks ignore the video group's frame count
+
+
+@pytest.fixture()
+def mixed_sweep(tmp_path) -> Path:
+    root = tmp_path / "mixed"
+    for (method, retention), (scores, layer_avg) in MIXED.items():
+        for benchmark, (score, flops) in scores.items():
+            modality = MODALITY_OF[benchmark]
+            # ours loads one checkpoint per modality: not a variant, the row stays one row
+            options = {"checkpoint": f"{modality}.safetensors"} if method == "ours" else None
+            path = write_job(root, "qwen2vl", method, retention, benchmark, score, flops, layer_avg, MIXED_EXPERIMENT,
+                             options, vanilla_flops=10.0 if modality == "image" else 40.0)
+            edit_config(path, modality={"name": "video", "num_frames": 32, "sampling": None}, modality_of=MODALITY_OF,
+                        model={"name": "qwen2vl", "image": {"max_pixels": 6422528},
+                               "video": {"num_frames": 8, "max_pixels": 301056, "sampling": "linspace"}})
+    return root
+
+
+def test_mixed_image_video_sweep_averages_each_modality(mixed_sweep, capsys):
+    stdout, stderr = run_report(capsys, str(mixed_sweep))
+    markdown = (mixed_sweep / "report.md").read_text()
+    assert markdown in stdout
+    # Preservation by hand (score / vanilla score x 100):
+    #   fastv: mmstar 30/60 = 50, pope 64/80 = 80, videomme 45/50 = 90
+    #          Avg. image (50 + 80) / 2 = 65.0; Avg. video 90.0; Avg. (50 + 80 + 90) / 3 = 73.33 -> 73.3
+    #          FLOPs(x) = mean(3, 3, 11) / mean(10, 10, 40) = 5.667 / 20 = 0.283 -> 0.28x
+    #   ours:  mmstar 51/60 = 85, pope missing, videomme 47.5/50 = 95
+    #          Avg. image 85.0 over 1 of 2 (dagger); Avg. video 95.0; Avg. (85 + 95) / 2 = 90.0 over 2 of 3 (dagger)
+    #          FLOPs(x) = mean(2.4, 9.6) / mean(10, 40) = 6 / 25 = 0.24x
+    #   paper rows: their own numbers; no overall avg printed (n/a), avg_image / avg_video under the group columns
+    header = ["Source", "Model", "Input", "Method", "Retention", "Layer-avg. retention", "FLOPs(×)",
+              "mmstar", "pope", "Avg. image(%)", "videomme", "Avg. video(%)", "Avg.(%)"]
+    expected = [
+        ["ours", "qwen2vl", MIXED_INPUT, "vanilla", "100.0%", "100.0%", "1.00×", "60.0", "80.0", "100.0", "50.0", "100.0", "100.0"],
+        ["paper", "qwen2vl", "", "vanilla", "100.0%", "n/a", "n/a", "60.4", "87.5", "100.0", "57.1", "100.0", "n/a"],
+        ["ours", "qwen2vl", MIXED_INPUT, "fastv", "25.0%", "30.4%*", "0.28×", "30.0", "64.0", "65.0", "45.0", "90.0", "73.3"],
+        ["paper", "qwen2vl", "", "fastv", "25.0%", "n/a", "0.25×", "55.0", "77.6", "89.9", "53.0", "92.8", "n/a"],
+        ["ours", "qwen2vl", MIXED_INPUT, "ours", "25.0%", "25.0%", "0.24×", "51.0", "n/a", "85.0†", "47.5", "95.0", "90.0†"],
+    ]
+    assert md_table(markdown) == [dict(zip(header, cells)) for cells in expected]
+    assert ("- Avg. image(%), Avg. video(%): the same mean over that group's benchmarks only (image: mmstar, pope; "
+            "video: videomme), each with its own † and n/a; on paper rows, the paper's avg_image, avg_video.") in markdown
+    assert f"warning: qwen2vl ({MIXED_INPUT}) ours r=0.25: Avg.(%) over 2 of 3 benchmarks" in stderr
+    assert "not shown" not in stderr  # avg_image / avg_video are columns, not unknown keys
+
+    # CSV: the same numbers at full precision, and used/available benchmarks per average
+    rows = list(csv.reader(io.StringIO((mixed_sweep / "report.csv").read_text())))
+    assert rows[0] == ["source", "model", "input", "method", "retention", "layer_avg_retention", "layer_avg_star", "flops_x",
+                       "mmstar", "pope", "avg_image", "videomme", "avg_video", "avg", "avg_image_over", "avg_video_over",
+                       "avg_over"]
+    expected_csv = [
+        ["ours", "qwen2vl", MIXED_INPUT, "vanilla", 1.0, 1.0, "", 1.0, 60.0, 80.0, 100.0, 50.0, 100.0, 100.0, "2/2", "1/1", "3/3"],
+        ["paper", "qwen2vl", "", "vanilla", 1.0, "", "", "", 60.4, 87.5, 100.0, 57.1, 100.0, "", "", "", ""],
+        ["ours", "qwen2vl", MIXED_INPUT, "fastv", 0.25, 8.5 / 28, "*", 17 / 60, 30.0, 64.0, 65.0, 45.0, 90.0, 220 / 3,
+         "2/2", "1/1", "3/3"],
+        ["paper", "qwen2vl", "", "fastv", 0.25, "", "", 0.25, 55.0, 77.6, 89.9, 53.0, 92.8, "", "", "", ""],
+        ["ours", "qwen2vl", MIXED_INPUT, "ours", 0.25, 0.25, "", 0.24, 51.0, "", 85.0, 47.5, 95.0, 90.0, "1/2", "1/1", "2/3"],
+    ]
+    assert len(rows) == 1 + len(expected_csv)
+    for got, want in zip(rows[1:], expected_csv):
+        assert len(got) == len(want)
+        for value, hand in zip(got, want):
+            assert value == hand if isinstance(hand, str) else float(value) == pytest.approx(hand), (got, want)
+
+    # LaTeX: a band over each group (7 blank columns before it: identity + FLOPs), then the same cells
+    latex = (mixed_sweep / "report.tex").read_text().splitlines()
+    start = latex.index("\\toprule")
+    assert latex[start - 1] == "\\begin{tabular}{llllllrrrrrrr}"
+    assert latex[start + 1:start + 4] == [
+        " & " * 7 + "\\multicolumn{3}{c}{image benchmarks} & \\multicolumn{2}{c}{video benchmarks} &  \\\\",
+        "\\cmidrule(lr){8-10} \\cmidrule(lr){11-12}",
+        ("Source & Model & Input & Method & Retention & Layer-avg. retention & FLOPs($\\times$) & mmstar & pope & "
+         "Avg. image(\\%) & videomme & Avg. video(\\%) & Avg.(\\%) \\\\"),
+    ]
+    body = latex[start + 5:start + 5 + len(expected)]
+    assert body == [" & ".join(c.replace("%", "\\%").replace("×", "$\\times$").replace("†", "$^\\dagger$")
+                               for c in cells) + " \\\\" for cells in expected]
+    assert body[4] == ("ours & qwen2vl & image; video, 32 frames & ours & 25.0\\% & 25.0\\% & 0.24$\\times$ & 51.0 & n/a & "
+                       "85.0$^\\dagger$ & 47.5 & 95.0 & 90.0$^\\dagger$ \\\\")
+
+    # the plot: a panel per modality, each average against that modality's own FLOPs (image 10 T vs video
+    # 40 T unpruned); ours' image average misses pope, so it is left out of the image panel
+    assert report.plot_points(report.build_table(mixed_sweep)) == {
+        ("qwen2vl", MIXED_INPUT, "image"): {"vanilla": [(10.0, 100.0, 1.0)], "fastv": [(3.0, 65.0, 0.25)]},
+        ("qwen2vl", MIXED_INPUT, "video"): {"vanilla": [(40.0, 100.0, 1.0)], "fastv": [(11.0, 90.0, 0.25)],
+                                            "ours": [(9.6, 95.0, 0.25)]},
+    }
+    assert (mixed_sweep / report.PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # each job's input is its benchmark's modality block; only a video job takes the video group's 32 frames
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create(json.loads(next(mixed_sweep.rglob("results.json")).read_text())["config"])
+    assert report.input_settings(config, "image") == {"max_pixels": 6422528}
+    assert report.input_settings(config, "video") == {"num_frames": 32, "max_pixels": 301056, "sampling": "linspace"}
+
+
+@pytest.mark.parametrize(("name", "frames", "image", "video", "hand"), [
+    # Table 1, Qwen2-VL w/ GAE-based compressor at 25 %: Avg. 97.7 (image), 97.5 (video); MMBench-V 1.17
+    ("table1", 8, ["mme", "mmstar", "mmvet"], ["videomme", "mvbench", "mmbench_video"],
+     ("gae", "25.0%", {"mmvet": "51.7", "Avg. image(%)": "97.7", "mmbench_video": "1.17", "Avg. video(%)": "97.5"})),
+    # Figure 3(a) (Tables 7 / 8), Qwen2-VL w/ ours at 25 %: 95.3 (image), 94.1 (video); MMBench-Video 1.30
+    ("figure3", 32, ["mme", "mmstar", "mmvet", "seedbench"],
+     ["videomme", "mvbench", "mmbench_video", "nextqa_mc", "nextqa_oe", "activitynetqa"],
+     ("ours", "25.0%", {"seedbench": "71.0", "Avg. image(%)": "95.3", "mmbench_video": "1.30", "Avg. video(%)": "94.1"})),
+])
+def test_table1_and_figure3_paper_rows_fill_the_group_averages(name, frames, image, video, hand, tmp_path, capsys):
+    """The experiments as evaluate saves them (composed, unresolved): a Qwen2-VL vanilla job on one image
+    and one video benchmark, then the report with every paper row of the experiment."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        for benchmark, flops in ((image[0], 10.0), (video[0], 40.0)):
+            cfg = compose("evaluate", overrides=[f"experiment={name}", "model=qwen2vl", f"benchmark={benchmark}",
+                                                 "+experiment/arm=[vanilla]"])
+            path = write_job(tmp_path, "qwen2vl", "vanilla", 1.0, benchmark, 50.0, flops, 1.0, vanilla_flops=flops)
+            edit_config(path, **OmegaConf.to_container(cfg, resolve=False))
+    _, stderr = run_report(capsys, str(tmp_path))
+    assert "experiment.paper keys not shown" not in stderr
+    markdown = (tmp_path / "report.md").read_text()
+    table = md_table(markdown)
+    # Table 1's layout: each modality's benchmarks closed by its Avg., then the overall Avg.
+    assert list(table[0])[6:] == ["FLOPs(×)", *image, "Avg. image(%)", *video, "Avg. video(%)", "Avg.(%)"]
+    ours = [cells for cells in table if cells["Source"] == "ours"]
+    assert [(c["Input"], c["Avg. image(%)"], c["Avg. video(%)"], c["Avg.(%)"]) for c in ours] == [
+        (f"image; video, {frames} frames", "100.0", "100.0", "100.0")]  # 50 / 50 on each
+    rows = md_rows(markdown)
+    method, retention, cells = hand
+    assert {k: rows[("paper", "qwen2vl", method, retention)][k] for k in cells} == cells
+    paper = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "experiment" / f"{name}.yaml").experiment.paper)
+    assert len(rows) == 1 + len(paper)
+    for entry in paper:
+        shown = rows[("paper", entry["model"], entry["method"], f"{100 * entry['retention']:.1f}%")]
+        assert (shown["Avg. image(%)"], shown["Avg. video(%)"], shown["Avg.(%)"]) == (
+            f"{entry['avg_image']:.1f}", f"{entry['avg_video']:.1f}", "n/a"), entry  # the paper prints no overall Avg.
+    band = (tmp_path / "report.tex").read_text().splitlines()[3]
+    assert band == (" & " * 7 + f"\\multicolumn{{{len(image) + 1}}}{{c}}{{image benchmarks}} & "
+                    f"\\multicolumn{{{len(video) + 1}}}{{c}}{{video benchmarks}} &  \\\\")
+
+
+@pytest.mark.parametrize(("groups", "message"), [
+    ({"image": "mmstar"}, "experiment.groups must map each group name to a list of benchmarks"),
+    ({"image": ["mmstar"], "all": ["mmstar", "pope"]}, "experiment.groups lists mmstar in more than one group"),
+])
+def test_bad_groups_are_one_line_exit_2(tmp_path, capsys, groups, message):
+    write_job(tmp_path, "qwen2vl", "vanilla", 1.0, "mmstar", 60.0, 10.0, 1.0, {**MIXED_EXPERIMENT, "groups": groups})
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: report: {message}")
 
 @pytest.mark.parametrize("make", ["missing", "empty", "mixed"])
 def test_bad_sweep_dir_is_one_line_exit_2(tmp_path, capsys, make):
