@@ -137,3 +137,11 @@ def test_bad_job_in_a_multirun_does_not_stop_the_sweep(tmp_path):
     assert "error: retention must be in (0, 1], got 2.0" in proc.stderr
     done = sorted(p.relative_to(sweep).as_posix() for p in sweep.rglob("results.json"))
     assert done == ["tiny_qwen2vl/synthetic/random/r0.5/results.json"], done
+
+
+def test_top_level_max_new_tokens_is_what_results_record(tmp_path):
+    proc = run_evaluate("model=tiny_qwen2vl", "benchmark=synthetic", "benchmark.limit=1", "max_new_tokens=1",
+                        f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["score"]["max_new_tokens"] == 1  # the synthetic benchmark's pinned value is 2
