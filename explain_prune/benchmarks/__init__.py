@@ -20,6 +20,7 @@ from explain_prune.benchmarks.mvbench import MVBench
 from explain_prune.benchmarks.nextqa import NExTQAMC, NExTQAOE
 from explain_prune.benchmarks.pope import POPE
 from explain_prune.benchmarks.seedbench import SEEDBenchIMG
+from explain_prune.benchmarks.synthetic import SyntheticBenchmark
 from explain_prune.benchmarks.videomme import VideoMME
 from explain_prune.models.base import InputError
 
@@ -29,6 +30,7 @@ BENCHMARKS: dict[str, type[Benchmark]] = {
     "mmstar": MMStar,
     "seedbench": SEEDBenchIMG,
     "mmvet": MMVet,
+    "synthetic": SyntheticBenchmark,  # generated grid VQA with ground-truth tokens (no data root)
     # video
     "videomme": VideoMME,
     "mvbench": MVBench,

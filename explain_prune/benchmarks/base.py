@@ -33,6 +33,7 @@ class Record:
     answer: Any
     extracted: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
+    sample_metrics: dict[str, Any] | None = None  # Benchmark.sample_metrics of this sample, if any
 
 
 class Benchmark(abc.ABC):
@@ -61,3 +62,13 @@ class Benchmark(abc.ABC):
     def score(self, records: list[Record], judge: Any = None) -> dict[str, Any]:
         """{"overall": float, "categories": {...}, ...} with the official aggregation."""
         ...
+
+    def sample_metrics(self, sample_meta: dict[str, Any], visual_scores: Any) -> dict[str, Any] | None:
+        """Per-sample metrics of a method's token ranking, for benchmarks that know which visual
+        tokens matter (the synthetic pointing game); None (the default) records nothing.
+
+        `visual_scores` [N_v] are the scores the method's first pruning stage ranked by, one per
+        visual token of the sample in prompt order; the evaluator calls this only when that stage
+        saw all N_v tokens.  The result is stored in the prediction record and handed back to
+        `score` as `Record.sample_metrics`."""
+        return None

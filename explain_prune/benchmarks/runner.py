@@ -69,6 +69,23 @@ class EvalSettings:
     max_new_tokens: int | None = None  # None: the benchmark's own
 
 
+def _record_ids(samples: Iterable[Any], ids: list[str]) -> Iterable[Any]:
+    for sample in samples:
+        ids.append(sample.id)
+        yield sample
+
+
+def first_stage_scores(gen: Any, num_visual_input: int) -> Any:
+    """The ranking scores [N_v] of the method's first pruning stage (`plan.info["scores"]`, copied
+    to `Generation.info` by the engine) when that stage saw all `num_visual_input` visual tokens
+    of the prompt, else None (no scoring stage, or a prompt the method rewrote)."""
+    scores = gen.info.get("scores") or {}
+    if not scores:
+        return None
+    first = scores[min(scores)]
+    return first if first.numel() == num_visual_input == gen.num_visual else None
+
+
 def _batches(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
     batch: list[Any] = []
     for item in items:
@@ -94,7 +111,9 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = PredictionLog(out_dir / PREDICTIONS)
-    max_new = settings.max_new_tokens or benchmark.max_new_tokens
+    if settings.max_new_tokens:  # the override becomes the benchmark's, so results.json records what ran
+        benchmark.max_new_tokens = int(settings.max_new_tokens)
+    max_new = benchmark.max_new_tokens
 
     def fail(sample_id: str, reason: str) -> None:
         if settings.strict:
@@ -102,7 +121,8 @@ def evaluate(
         log.warning("sample %r: %s", sample_id, reason)
         log_file.append({"id": sample_id, "error": reason})
 
-    pending = (s for s in benchmark.load(limit=settings.limit) if s.id not in log_file.rows)
+    requested: list[str] = []  # every id this job asks for, so finalize can tell a complete run
+    pending = (s for s in _record_ids(benchmark.load(limit=settings.limit), requested) if s.id not in log_file.rows)
     for batch in tqdm(_batches(pending, settings.batch_size), desc=f"{benchmark.name}/{getattr(method, 'name', 'vanilla')}", unit="batch"):
         prompts, samples = [], []
         for sample in batch:
@@ -117,7 +137,7 @@ def evaluate(
         if not prompts:
             continue
         generations = generate(vlm, prompts, method, max_new_tokens=max_new)
-        for sample, gen in zip(samples, generations):
+        for sample, prompt, gen in zip(samples, prompts, generations):
             record = {
                 "id": sample.id,
                 "prediction": gen.text,
@@ -125,6 +145,8 @@ def evaluate(
                 "extracted": benchmark.extract(gen.text, sample.meta),
                 "meta": _jsonable(sample.meta),
                 "num_visual": gen.num_visual,
+                # before the method's transform (VisionZip merges tokens before the LLM): the vanilla reference
+                "num_visual_input": prompt.num_visual,
                 "kept_per_layer": gen.kept_per_layer,
                 "flops": flops_lib.llm_flops(llm_dims, gen.kept_per_layer),
                 "kv_cache_bytes": gen.kv_cache_bytes,
@@ -132,8 +154,12 @@ def evaluate(
                 "prefill_seconds": gen.prefill_seconds / len(generations),
                 "decode_seconds": gen.decode_seconds / len(generations),
             }
+            scores = first_stage_scores(gen, prompt.num_visual)
+            metrics = None if scores is None else benchmark.sample_metrics(sample.meta, scores)
+            if metrics is not None:
+                record["sample_metrics"] = metrics
             log_file.append(_jsonable(record))
-    return finalize(benchmark, method, out_dir, log_file, llm_dims, judge, run_info)
+    return finalize(benchmark, method, out_dir, log_file, llm_dims, judge, run_info, requested)
 
 
 def finalize(
@@ -144,11 +170,18 @@ def finalize(
     llm_dims: Mapping[str, Any],
     judge: Any,
     run_info: Mapping[str, Any] | None,
+    requested: Iterable[str] | None = None,
 ) -> dict[str, Any]:
-    rows = sorted(log_file.rows.values(), key=lambda r: r["id"])
+    """Score the logged rows (only the `requested` ids when given) and write results.json.
+
+    `complete` is true only when every requested id has a line (a prediction or a counted error):
+    `tracking.completed_results` skips such a job on a rerun; anything else is run (and resumed).
+    """
+    wanted = None if requested is None else set(requested)
+    rows = sorted((r for r in log_file.rows.values() if wanted is None or r["id"] in wanted), key=lambda r: r["id"])
     scored = [r for r in rows if "error" not in r]
     errors = Counter(r["error"].split(":")[0][:80] for r in rows if "error" in r)
-    records = [Record(r["id"], r["prediction"], r["answer"], r["extracted"], r["meta"]) for r in scored]
+    records = [Record(r["id"], r["prediction"], r["answer"], r["extracted"], r["meta"], r.get("sample_metrics")) for r in scored]
     score = benchmark.score(records, judge=judge) if records else {"overall": None}
     n = len(scored)
 
@@ -158,14 +191,18 @@ def finalize(
     num_layers = len(scored[0]["kept_per_layer"]) if scored else 0
     kept_mean = [sum(r["kept_per_layer"][i] for r in scored) / n for i in range(num_layers)]
     visual_mean = mean("num_visual")
+    # visual tokens before the method's transform; rows logged before this field had none
+    input_counts = [int(r.get("num_visual_input", r["num_visual"])) for r in scored]
+    input_mean = sum(input_counts) / n if n else 0.0
     efficiency = {
         "num_visual": visual_mean,
+        "num_visual_input": input_mean,
         "kept_per_layer": kept_mean,
-        "layer_avg_retention": (sum(kept_mean) / (num_layers * visual_mean)) if num_layers and visual_mean else 1.0,
+        "layer_avg_retention": (sum(kept_mean) / (num_layers * input_mean)) if num_layers and input_mean else 1.0,
         "retention": getattr(method, "retention", 1.0) if method is not None else 1.0,
         "flops_T": flops_lib.tera(mean("flops")),
         "vanilla_flops_T": flops_lib.tera(
-            sum(flops_lib.llm_flops(llm_dims, int(r["num_visual"])) for r in scored) / n if n else 0.0
+            sum(flops_lib.llm_flops(llm_dims, count) for count in input_counts) / n if n else 0.0
         ),
         "kv_cache_bytes": mean("kv_cache_bytes"),
         "prefill_seconds": mean("prefill_seconds"),
@@ -183,6 +220,7 @@ def finalize(
         "errors": dict(errors),
         "score": score,
         "efficiency": efficiency,
+        "complete": wanted is not None and wanted <= log_file.rows.keys(),
     }
     write_json_atomic(out_dir / RESULTS, results)
     return results

@@ -285,6 +285,7 @@ def run(
                 kv_cache_bytes=int(kv_bytes[b]),
                 prefill_logits=prefill_logits[b][state.live[b]].cpu() if return_logits else None,
                 step_logits=torch.stack([s[b] for s in step_logits]).cpu() if return_logits else None,
+                info=dict(plans[b].info),  # the method's record: kept tokens and ranking scores per layer
             )
         )
     return results
