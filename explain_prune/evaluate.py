@@ -36,6 +36,7 @@ def main(cfg: DictConfig) -> dict:
         print(f"skip: {out_dir} already holds complete results for this job")
         print(f"results: {out_dir}/results.json")
         return done
+    tracking.claim_run_dir(out_dir, job)
     benchmark = build_benchmark(**OmegaConf.to_container(cfg.benchmark, resolve=True))
     judge = build_judge(cfg.judge)
     vlm = build_vlm(cfg.model, modality=cfg.modality)

@@ -99,7 +99,7 @@ class Job:
 
 @dataclass
 class Row:
-    source: str  # "ours" (this sweep) or "paper" (experiment.paper)
+    source: str  # "measured" (this sweep) or "paper" (experiment.paper)
     model: str
     input: str
     method: str  # display label: the variant, plus any options that still tell its jobs apart
@@ -372,7 +372,7 @@ def build_table(sweep_dir: str | Path) -> Table:
                                             method_rank[method_of[k]], k[2])):
         by_bench = cells[key]
         ours.append(Row(
-            source="ours", model=key[0], input=key[1], method=key[2], method_name=method_of[key], retention=key[3],
+            source="measured", model=key[0], input=key[1], method=key[2], method_name=method_of[key], retention=key[3],
             options=next(iter(by_bench.values())).options,
             scores={b: by_bench[b].score if b in by_bench else None for b in columns},
             values=_summarize(list(by_bench.values()), groups),
@@ -500,7 +500,7 @@ def cell(row: Row, key: str) -> str:
 
 def notes(table: Table) -> list[str]:
     lines = [
-        (f"ours = this sweep ({table.num_jobs} {RESULTS} files under {table.sweep_dir}); "
+        (f"measured = this sweep ({table.num_jobs} {RESULTS} files under {table.sweep_dir}); "
          "paper = the numbers the paper reports (experiment block), not measured here."),
         ("Avg.(%) / Preservation(%): mean over the row's benchmarks of score / vanilla score of the same model "
          "and input × 100; † = over fewer benchmarks than that model and input have results for; n/a = no "
@@ -623,7 +623,7 @@ def plot_points(table: Table) -> dict[tuple[str, str, str], dict[str, list[tuple
     for row in table.rows:
         for group, x_key, y_key in series:
             flops, avg, counts = row.values.get(x_key), row.values.get(y_key), row.avg_over.get(y_key)
-            if row.source == "ours" and flops is not None and avg is not None and counts and counts[0] == counts[1]:
+            if row.source == "measured" and flops is not None and avg is not None and counts and counts[0] == counts[1]:
                 points.setdefault((row.model, row.input, group), {}).setdefault(row.method, []).append((flops, avg, row.retention))
     return points
 

@@ -18,6 +18,8 @@ from typing import Any, Mapping, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from explain_prune.benchmarks.runner import RESULTS, _jsonable
+from explain_prune.data.cache import write_json_atomic
+from explain_prune.models.base import InputError
 
 MASK = "***"
 SECRET_KEYS = ("api_key", "token", "password", "secret")
@@ -85,6 +87,36 @@ def completed_results(out_dir: str | Path, job: Mapping[str, Any]) -> dict[str, 
     if isinstance(saved, dict) and saved.get("complete") is True and saved.get("job") == _jsonable(dict(job)):
         return saved
     return None
+
+
+JOB_FILE = "job.json"
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two nested identities differ."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return [d for key in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def claim_run_dir(out_dir: str | Path, job: Mapping[str, Any]) -> None:
+    """Record which job a run dir holds (job.json), and refuse to resume another job's predictions.
+
+    A rerun resumes predictions.jsonl, so a run dir reused by a job with other settings (e.g. a
+    method option that the run_id does not name) would silently score the old job's answers.
+    Only the benchmark's `limit` may change between runs: the samples it selects are the same."""
+    path = Path(out_dir) / JOB_FILE
+    current = _jsonable(dict(job))
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        differ = [d for d in _differences(previous, current) if d != "benchmark.limit"]
+        if differ:
+            raise InputError(
+                f"run dir {out_dir} holds predictions of a different job (differs in {', '.join(differ)}); "
+                f"pick another hydra.run.dir / run_id, or delete the directory"
+            )
+    write_json_atomic(path, current)
 
 
 def flat_scalars(prefix: str, obj: Any) -> tuple[dict[str, float], dict[str, Any]]:

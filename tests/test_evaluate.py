@@ -145,3 +145,18 @@ def test_top_level_max_new_tokens_is_what_results_record(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["score"]["max_new_tokens"] == 1  # the synthetic benchmark's pinned value is 2
+
+
+def test_run_dir_of_another_job_is_refused_not_resumed(tmp_path):
+    """The run_id does not name method options: resuming a gae(grad) dir as gae(mean) would score the
+    grad answers; it fails with one line instead.  A larger limit resumes the same job."""
+    base = ["model=synthetic", "benchmark=synthetic", "method=gae", "retention=0.5", f"hydra.run.dir={tmp_path}"]
+    first = run_evaluate(*base, "benchmark.limit=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    other = run_evaluate(*base, "benchmark.limit=1", "method.options.head_reduce=mean")
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines()[-1].startswith(f"error: run dir {tmp_path} holds predictions of a different job")
+    assert "method.options.head_reduce" in other.stderr
+    more = run_evaluate(*base, "benchmark.limit=2")
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert json.loads((tmp_path / "results.json").read_text())["num_samples"] == 2

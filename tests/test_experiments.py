@@ -258,7 +258,7 @@ def test_table2_sweep_on_a_tiny_model_resume_and_report(tmp_path):
     with open(sweep_dir / "report.csv") as fh:
         rows = {(r["method"], float(r["retention"])): r for r in csv.DictReader(fh) if r["source"] == "ours"}
     cells_md = [[c.strip() for c in line.strip("|").split("|")] for line in (sweep_dir / "report.md").read_text().splitlines()
-                if line.startswith("| ours |")]
+                if line.startswith("| measured |")]
     table_md = {(c[3], c[4]): c[-1] for c in cells_md}  # (method, retention) -> Avg.(%), the last column
     vanilla = {b: results[f"tiny_qwen2vl/{b}/vanilla/r1.0"]["score"]["overall"] for b in benches}
     assert all(vanilla.values())

@@ -156,40 +156,40 @@ def test_scores_table_markdown_csv_latex_and_plot(sweep, capsys):
     assert markdown.startswith("# Table T: hand-made sweep")
     rows = md_rows(markdown)
     for (model, method, retention), (layer, flops_x, mmstar, pope, avg) in EXPECTED.items():
-        cells = rows[("ours", model, method, retention)]
+        cells = rows[("measured", model, method, retention)]
         assert cells["Input"] == "image"  # one input setting per model: nothing to tell apart
         assert (cells["Layer-avg. retention"], cells["FLOPs(×)"], cells["mmstar"], cells["pope"], cells["Avg.(%)"]) == (
             layer, flops_x, mmstar, pope, avg), (model, method, retention)
-    assert len([r for r in rows if r[0] == "ours"]) == len(EXPECTED)
+    assert len([r for r in rows if r[0] == "measured"]) == len(EXPECTED)
     # the paper's rows sit right under ours, marked as such, with the paper's numbers
     keys = list(rows)
     paper = rows[("paper", "qwen2vl", "fastv", "25.0%")]
     assert (paper["mmstar"], paper["pope"], paper["Avg.(%)"], paper["FLOPs(×)"]) == ("37.6", "77.6", "67.7", "0.27×")
-    assert keys.index(("paper", "qwen2vl", "fastv", "25.0%")) == keys.index(("ours", "qwen2vl", "fastv", "25.0%")) + 1
-    assert keys.index(("paper", "qwen2vl", "vanilla", "100.0%")) == keys.index(("ours", "qwen2vl", "vanilla", "100.0%")) + 1
+    assert keys.index(("paper", "qwen2vl", "fastv", "25.0%")) == keys.index(("measured", "qwen2vl", "fastv", "25.0%")) + 1
+    assert keys.index(("paper", "qwen2vl", "vanilla", "100.0%")) == keys.index(("measured", "qwen2vl", "vanilla", "100.0%")) + 1
     # order: models as in the paper block, vanilla first, then retention descending
-    assert keys[0] == ("ours", "qwen2vl", "vanilla", "100.0%") and keys[-1] == ("ours", "llava_ov", "ours", "10.0%")
+    assert keys[0] == ("measured", "qwen2vl", "vanilla", "100.0%") and keys[-1] == ("measured", "llava_ov", "ours", "10.0%")
     assert "llava_ov (image) ours r=0.25: Avg.(%) over 1 of 2 benchmarks" in stderr and "pope" in stderr
 
     # CSV: raw numbers, * and k/n in their own columns
     table = {(r["source"], r["model"], r["method"], r["retention"]): r
              for r in csv.DictReader(io.StringIO((sweep / "report.csv").read_text()))}
-    fastv = table[("ours", "qwen2vl", "fastv", "0.25")]
+    fastv = table[("measured", "qwen2vl", "fastv", "0.25")]
     assert float(fastv["avg"]) == pytest.approx(65.0) and fastv["avg_over"] == "2/2"
     assert float(fastv["flops_x"]) == pytest.approx(0.3) and float(fastv["layer_avg_retention"]) == pytest.approx(8.5 / 28)
     assert fastv["layer_avg_star"] == "*" and float(fastv["mmstar"]) == 30.0
-    partial = table[("ours", "llava_ov", "ours", "0.25")]
+    partial = table[("measured", "llava_ov", "ours", "0.25")]
     assert float(partial["avg"]) == pytest.approx(92.0) and partial["avg_over"] == "1/2" and partial["pope"] == ""
     assert float(partial["flops_x"]) == pytest.approx(3.1 / 12.9) and partial["layer_avg_star"] == ""
-    assert float(table[("ours", "llava_ov", "fastv", "0.5")]["avg"]) == pytest.approx(85.0)
+    assert float(table[("measured", "llava_ov", "fastv", "0.5")]["avg"]) == pytest.approx(85.0)
     assert table[("paper", "qwen2vl", "fastv", "0.25")]["avg"] == "67.7"
 
     # LaTeX: same cells, escaped
     latex = (sweep / "report.tex").read_text()
     assert "\\begin{tabular}{llllllrrrr}" in latex
-    assert ("ours & qwen2vl & image & fastv & 25.0\\% & 30.4\\%* & 0.30$\\times$ & 30.0 & 64.0 & 65.0 \\\\"
+    assert ("measured & qwen2vl & image & fastv & 25.0\\% & 30.4\\%* & 0.30$\\times$ & 30.0 & 64.0 & 65.0 \\\\"
             in latex)
-    assert "ours & llava\\_ov & image & ours & 25.0\\% & 25.0\\% & 0.24$\\times$ & 46.0 & n/a & 92.0$^\\dagger$ \\\\" in latex
+    assert "measured & llava\\_ov & image & ours & 25.0\\% & 25.0\\% & 0.24$\\times$ & 46.0 & n/a & 92.0$^\\dagger$ \\\\" in latex
     assert "paper & qwen2vl &  & fastv & 25.0\\% & n/a & 0.27$\\times$ & 37.6 & 77.6 & 67.7 \\\\" in latex
 
     png = (sweep / report.PLOT).read_bytes()
@@ -205,9 +205,9 @@ def test_missing_vanilla_row_is_na_with_a_warning(sweep, capsys, tmp_path):
     out = tmp_path / "out"
     _, stderr = run_report(capsys, str(sweep), "--out", str(out))
     rows = md_rows((out / "report.md").read_text())
-    assert rows[("ours", "llava_ov", "fastv", "25.0%")]["Avg.(%)"] == "n/a"
-    assert rows[("ours", "llava_ov", "fastv", "25.0%")]["FLOPs(×)"] == "0.28×"  # FLOPs need no vanilla row
-    assert rows[("ours", "qwen2vl", "fastv", "25.0%")]["Avg.(%)"] == "65.0"
+    assert rows[("measured", "llava_ov", "fastv", "25.0%")]["Avg.(%)"] == "n/a"
+    assert rows[("measured", "llava_ov", "fastv", "25.0%")]["FLOPs(×)"] == "0.28×"  # FLOPs need no vanilla row
+    assert rows[("measured", "qwen2vl", "fastv", "25.0%")]["Avg.(%)"] == "65.0"
     warning = [line for line in stderr.splitlines() if "no vanilla row" in line]
     assert warning == ["warning: no vanilla row for llava_ov (image): Avg.(%) and speedups are n/a for its 6 rows"]
     assert not (sweep / "report.md").exists()  # --out took the files
@@ -222,7 +222,7 @@ def test_efficiency_layout(tmp_path, capsys):
     write_job(tmp_path, "qwen2vl", "fastv", 0.25, "mmstar", 39.0, 3.0, 8.5 / 28, experiment)
     _, stderr = run_report(capsys, str(tmp_path))
     rows = md_rows((tmp_path / "report.md").read_text())
-    fastv = rows[("ours", "qwen2vl", "fastv", "25.0%")]
+    fastv = rows[("measured", "qwen2vl", "fastv", "25.0%")]
     assert fastv["FLOPs(×)"] == "0.30×" and fastv["FLOPs(T)"] == "3.0"
     assert fastv["Prefill (ms/sample)"] == "60.0"        # 1000 * 0.2 * 0.3
     assert fastv["Total (ms/sample)"] == "860.0"         # 1000 * (0.06 + 0.8)
@@ -243,7 +243,7 @@ def test_flops_layout_tells_method_variants_apart(tmp_path, capsys):
     write_job(tmp_path, "qwen2vl", "fastv", 0.25, "mmstar", 42.0, 3.5, 11.5 / 28, experiment, {"layer": 4}, 9.6)
     run_report(capsys, str(tmp_path))
     rows = md_rows((tmp_path / "report.md").read_text())
-    two, four = rows[("ours", "qwen2vl", "fastv (layer=2)", "25.0%")], rows[("ours", "qwen2vl", "fastv (layer=4)", "25.0%")]
+    two, four = rows[("measured", "qwen2vl", "fastv (layer=2)", "25.0%")], rows[("measured", "qwen2vl", "fastv (layer=4)", "25.0%")]
     assert (two["FLOPs(T)"], two["Preservation(%)"], two["Layer-avg. retention"]) == ("3.1", "90.0", "30.4%*")  # 54/60
     assert (four["FLOPs(T)"], four["Preservation(%)"], four["Layer-avg. retention"]) == ("3.5", "70.0", "41.1%*")  # 42/60
 
@@ -266,11 +266,11 @@ def test_experiment_arm_variants_name_the_rows(tmp_path, capsys):
     run_report(capsys, str(tmp_path))
     rows = md_rows((tmp_path / "report.md").read_text())
     for model in ("qwen2vl", "llava_ov"):
-        assert rows[("ours", model, "gae", "25.0%")]["Avg.(%)"] == "90.0"        # 45 / 50
-        assert rows[("ours", model, "gae_mean", "25.0%")]["Avg.(%)"] == "80.0"   # 40 / 50
+        assert rows[("measured", model, "gae", "25.0%")]["Avg.(%)"] == "90.0"        # 45 / 50
+        assert rows[("measured", model, "gae_mean", "25.0%")]["Avg.(%)"] == "80.0"   # 40 / 50
     order = [(source, model, method) for source, model, method, _ in rows]
-    assert order[1:5] == [("ours", "qwen2vl", "gae"), ("paper", "qwen2vl", "gae (head_reduce=grad)"),
-                          ("ours", "qwen2vl", "gae_mean"), ("paper", "qwen2vl", "gae (head_reduce=mean)")]
+    assert order[1:5] == [("measured", "qwen2vl", "gae"), ("paper", "qwen2vl", "gae (head_reduce=grad)"),
+                          ("measured", "qwen2vl", "gae_mean"), ("paper", "qwen2vl", "gae (head_reduce=mean)")]
     assert rows[("paper", "qwen2vl", "gae (head_reduce=mean)", "25.0%")]["Avg.(%)"] == "96.3"
 
 
@@ -352,11 +352,11 @@ def test_mixed_image_video_sweep_averages_each_modality(mixed_sweep, capsys):
     header = ["Source", "Model", "Input", "Method", "Retention", "Layer-avg. retention", "FLOPs(×)",
               "mmstar", "pope", "Avg. image(%)", "videomme", "Avg. video(%)", "Avg.(%)"]
     expected = [
-        ["ours", "qwen2vl", MIXED_INPUT, "vanilla", "100.0%", "100.0%", "1.00×", "60.0", "80.0", "100.0", "50.0", "100.0", "100.0"],
+        ["measured", "qwen2vl", MIXED_INPUT, "vanilla", "100.0%", "100.0%", "1.00×", "60.0", "80.0", "100.0", "50.0", "100.0", "100.0"],
         ["paper", "qwen2vl", "", "vanilla", "100.0%", "n/a", "n/a", "60.4", "87.5", "100.0", "57.1", "100.0", "n/a"],
-        ["ours", "qwen2vl", MIXED_INPUT, "fastv", "25.0%", "30.4%*", "0.28×", "30.0", "64.0", "65.0", "45.0", "90.0", "73.3"],
+        ["measured", "qwen2vl", MIXED_INPUT, "fastv", "25.0%", "30.4%*", "0.28×", "30.0", "64.0", "65.0", "45.0", "90.0", "73.3"],
         ["paper", "qwen2vl", "", "fastv", "25.0%", "n/a", "0.25×", "55.0", "77.6", "89.9", "53.0", "92.8", "n/a"],
-        ["ours", "qwen2vl", MIXED_INPUT, "ours", "25.0%", "25.0%", "0.24×", "51.0", "n/a", "85.0†", "47.5", "95.0", "90.0†"],
+        ["measured", "qwen2vl", MIXED_INPUT, "ours", "25.0%", "25.0%", "0.24×", "51.0", "n/a", "85.0†", "47.5", "95.0", "90.0†"],
     ]
     assert md_table(markdown) == [dict(zip(header, cells)) for cells in expected]
     assert ("- Avg. image(%), Avg. video(%): the same mean over that group's benchmarks only (image: mmstar, pope; "
@@ -370,12 +370,12 @@ def test_mixed_image_video_sweep_averages_each_modality(mixed_sweep, capsys):
                        "mmstar", "pope", "avg_image", "videomme", "avg_video", "avg", "avg_image_over", "avg_video_over",
                        "avg_over"]
     expected_csv = [
-        ["ours", "qwen2vl", MIXED_INPUT, "vanilla", 1.0, 1.0, "", 1.0, 60.0, 80.0, 100.0, 50.0, 100.0, 100.0, "2/2", "1/1", "3/3"],
+        ["measured", "qwen2vl", MIXED_INPUT, "vanilla", 1.0, 1.0, "", 1.0, 60.0, 80.0, 100.0, 50.0, 100.0, 100.0, "2/2", "1/1", "3/3"],
         ["paper", "qwen2vl", "", "vanilla", 1.0, "", "", "", 60.4, 87.5, 100.0, 57.1, 100.0, "", "", "", ""],
-        ["ours", "qwen2vl", MIXED_INPUT, "fastv", 0.25, 8.5 / 28, "*", 17 / 60, 30.0, 64.0, 65.0, 45.0, 90.0, 220 / 3,
+        ["measured", "qwen2vl", MIXED_INPUT, "fastv", 0.25, 8.5 / 28, "*", 17 / 60, 30.0, 64.0, 65.0, 45.0, 90.0, 220 / 3,
          "2/2", "1/1", "3/3"],
         ["paper", "qwen2vl", "", "fastv", 0.25, "", "", 0.25, 55.0, 77.6, 89.9, 53.0, 92.8, "", "", "", ""],
-        ["ours", "qwen2vl", MIXED_INPUT, "ours", 0.25, 0.25, "", 0.24, 51.0, "", 85.0, 47.5, 95.0, 90.0, "1/2", "1/1", "2/3"],
+        ["measured", "qwen2vl", MIXED_INPUT, "ours", 0.25, 0.25, "", 0.24, 51.0, "", 85.0, 47.5, 95.0, 90.0, "1/2", "1/1", "2/3"],
     ]
     assert len(rows) == 1 + len(expected_csv)
     for got, want in zip(rows[1:], expected_csv):
@@ -396,7 +396,7 @@ def test_mixed_image_video_sweep_averages_each_modality(mixed_sweep, capsys):
     body = latex[start + 5:start + 5 + len(expected)]
     assert body == [" & ".join(c.replace("%", "\\%").replace("×", "$\\times$").replace("†", "$^\\dagger$")
                                for c in cells) + " \\\\" for cells in expected]
-    assert body[4] == ("ours & qwen2vl & image; video, 32 frames & ours & 25.0\\% & 25.0\\% & 0.24$\\times$ & 51.0 & n/a & "
+    assert body[4] == ("measured & qwen2vl & image; video, 32 frames & ours & 25.0\\% & 25.0\\% & 0.24$\\times$ & 51.0 & n/a & "
                        "85.0$^\\dagger$ & 47.5 & 95.0 & 90.0$^\\dagger$ \\\\")
 
     # the plot: a panel per modality, each average against that modality's own FLOPs (image 10 T vs video
@@ -443,7 +443,7 @@ def test_table1_and_figure3_paper_rows_fill_the_group_averages(name, frames, ima
     table = md_table(markdown)
     # Table 1's layout: each modality's benchmarks closed by its Avg., then the overall Avg.
     assert list(table[0])[6:] == ["FLOPs(×)", *image, "Avg. image(%)", *video, "Avg. video(%)", "Avg.(%)"]
-    ours = [cells for cells in table if cells["Source"] == "ours"]
+    ours = [cells for cells in table if cells["Source"] == "measured"]
     assert [(c["Input"], c["Avg. image(%)"], c["Avg. video(%)"], c["Avg.(%)"]) for c in ours] == [
         (f"image; video, {frames} frames", "100.0", "100.0", "100.0")]  # 50 / 50 on each
     rows = md_rows(markdown)
@@ -500,7 +500,7 @@ def test_wandb_offline_writes_a_run(sweep, capsys, monkeypatch, tmp_path):
     logged = json.loads(next(runs[0].glob("files/media/table/*.table.json")).read_text())
     csv_rows = list(csv.reader(io.StringIO((out / "report.csv").read_text())))
     assert logged["columns"] == csv_rows[0] and len(logged["data"]) == len(csv_rows) - 1
-    row = next(r for r in logged["data"] if r[:4] == ["ours", "qwen2vl", "image", "fastv"] and r[4] == 0.25)
+    row = next(r for r in logged["data"] if r[:4] == ["measured", "qwen2vl", "image", "fastv"] and r[4] == 0.25)
     assert row[csv_rows[0].index("avg")] == pytest.approx(65.0)
     assert list(runs[0].glob("files/media/images/*.png"))
     assert b"table_test" in next(runs[0].glob("run-*.wandb")).read_bytes()  # the group
@@ -522,8 +522,8 @@ def test_real_multirun_then_report(mmstar_root, tmp_path, monkeypatch, capsys): 
 
     run_report(capsys, str(sweep_dir))
     rows = md_rows((sweep_dir / "report.md").read_text())
-    assert sorted(rows) == [("ours", "tiny_qwen2vl", "fastv", "25.0%"), ("ours", "tiny_qwen2vl", "vanilla", "100.0%")]
-    row = rows[("ours", "tiny_qwen2vl", "fastv", "25.0%")]
+    assert sorted(rows) == [("measured", "tiny_qwen2vl", "fastv", "25.0%"), ("measured", "tiny_qwen2vl", "vanilla", "100.0%")]
+    row = rows[("measured", "tiny_qwen2vl", "fastv", "25.0%")]
     assert row["Input"] == "image"
     assert row["mmstar"] == f"{fastv['score']['overall']:.1f}"
     eff = fastv["efficiency"]
