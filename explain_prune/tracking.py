@@ -107,6 +107,7 @@ def claim_run_dir(out_dir: str | Path, job: Mapping[str, Any]) -> None:
     method option that the run_id does not name) would silently score the old job's answers.
     Only the benchmark's `limit` may change between runs: the samples it selects are the same."""
     path = Path(out_dir) / JOB_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     current = _jsonable(dict(job))
     if path.is_file():
         previous = json.loads(path.read_text())

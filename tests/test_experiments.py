@@ -256,7 +256,7 @@ def test_table2_sweep_on_a_tiny_model_resume_and_report(tmp_path):
 
     report.main([str(sweep_dir)])
     with open(sweep_dir / "report.csv") as fh:
-        rows = {(r["method"], float(r["retention"])): r for r in csv.DictReader(fh) if r["source"] == "ours"}
+        rows = {(r["method"], float(r["retention"])): r for r in csv.DictReader(fh) if r["source"] == "measured"}
     cells_md = [[c.strip() for c in line.strip("|").split("|")] for line in (sweep_dir / "report.md").read_text().splitlines()
                 if line.startswith("| measured |")]
     table_md = {(c[3], c[4]): c[-1] for c in cells_md}  # (method, retention) -> Avg.(%), the last column
