@@ -51,6 +51,19 @@ def load_image(image: Image.Image | str | Path) -> Image.Image:
         raise InputError(f"unreadable image {path}: {type(err).__name__}") from None
 
 
+def load_frames(sample: "Sample", num_frames: int, default_rule: str) -> list[Image.Image]:
+    """The RGB frames of a video sample: its list of images / paths as given, or `num_frames` decoded
+    from its file by the sample's rule and clip bounds (`data.video.read_sample_frames`)."""
+    from explain_prune.data.video import read_sample_frames  # data.video imports this module
+
+    frames = sample.video
+    if not isinstance(frames, list):
+        frames = read_sample_frames(frames, num_frames, sample.meta, default_rule)
+    if not frames:
+        raise InputError(f"sample {sample.id!r}: video has no frames")
+    return [load_image(f) for f in frames]
+
+
 def checkpoint_path(cfg: Any) -> str:
     """`cfg.pretrained` as given: a hub id, or a local directory that must exist (one-line error)."""
     path = str(cfg["pretrained"])

@@ -52,7 +52,6 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 )
 from transformers.utils import cached_file
 
-from explain_prune.data.video import read_sample_frames
 from explain_prune.models.base import (
     DecoderParts,
     InputError,
@@ -61,6 +60,7 @@ from explain_prune.models.base import (
     VisualPrompt,
     VLM,
     instruction_positions,
+    load_frames,
     load_image,
     torch_dtype,
 )
@@ -360,12 +360,7 @@ class LlavaOneVision(VLM):
         model = self.model.model
         device = self.device
         if sample.video is not None:
-            frames = sample.video
-            if not isinstance(frames, list):
-                frames = read_sample_frames(frames, self.num_frames, sample.meta, self.frame_sampling)
-            if not frames:
-                raise InputError(f"sample {sample.id!r}: video has no frames")
-            frames = [load_image(f) for f in frames]
+            frames = load_frames(sample, self.num_frames, self.frame_sampling)
             pixels = {"pixel_values_videos": self.video_pixels(frames)}
             segments = self.video_segments(len(frames))
             token, token_id = VIDEO_TOKEN, self.video_token_id

@@ -19,11 +19,11 @@ from transformers.image_utils import SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
-from explain_prune.data.video import read_sample_frames
 from explain_prune.models.base import (
     DecoderParts,
     InputError,
     checkpoint_path,
+    load_frames,
     load_image,
     torch_dtype,
     Sample,
@@ -186,12 +186,7 @@ class Qwen2VL(VLM):
             raise InputError(f"sample {sample.id!r}: empty question")
         model = self.model.model
         if sample.video is not None:
-            frames = sample.video
-            if not isinstance(frames, list):
-                frames = read_sample_frames(frames, self.num_frames, sample.meta, self.frame_sampling)
-            if not frames:
-                raise InputError(f"sample {sample.id!r}: video has no frames")
-            pixels, grid = self.video_pixels([load_image(f) for f in frames])
+            pixels, grid = self.video_pixels(load_frames(sample, self.num_frames, self.frame_sampling))
             pad_id, kind = self.video_token_id, 2
             grids = {"video_grid_thw": grid}
         elif sample.images:

@@ -51,7 +51,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from explain_prune.data.video import read_sample_frames
 from explain_prune.models.base import (
     DecoderParts,
     InputError,
@@ -59,6 +58,7 @@ from explain_prune.models.base import (
     VisualPrompt,
     VLM,
     instruction_positions,
+    load_frames,
     load_image,
     torch_dtype,
 )
@@ -565,12 +565,7 @@ class Vila(VLM):
         if not question:
             raise InputError(f"sample {sample.id!r}: empty question")
         if sample.video is not None:
-            frames = sample.video
-            if not isinstance(frames, list):
-                frames = read_sample_frames(frames, self.num_frames, sample.meta, self.frame_sampling)
-            if not frames:
-                raise InputError(f"sample {sample.id!r}: video has no frames")
-            images = [load_image(f) for f in frames]
+            images = load_frames(sample, self.num_frames, self.frame_sampling)
         elif sample.images:
             images = [load_image(img) for img in sample.images]
         else:
