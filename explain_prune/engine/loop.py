@@ -38,12 +38,6 @@ class Generation:
     step_logits: torch.Tensor | None = None  # [steps, V]: logits that chose each generated token
     info: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def layer_avg_retention(self) -> float:
-        if not self.num_visual:
-            return 1.0
-        return sum(self.kept_per_layer) / (len(self.kept_per_layer) * self.num_visual)
-
 
 class KVCache:
     """Per-layer key/value store with the `update` call HF attention modules make.

@@ -117,10 +117,6 @@ class Method(abc.ABC):
     def keep_count(self, n_visual: int, ratio: float | None = None) -> int:
         return keep_count(self.retention if ratio is None else ratio, n_visual)
 
-    def layer_avg_retention(self, n_visual: int, num_layers: int) -> float:
-        counts = self.visual_tokens_per_layer(n_visual, num_layers)
-        return sum(counts) / (len(counts) * n_visual) if n_visual else 1.0
-
     def overhead_flops(self, dims: Mapping[str, Any], n_visual: int) -> dict[str, float]:
         """Extra FLOPs the method spends outside the decoder layers (paper App. C counts only ours')."""
         return {}
