@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from explain_prune.cli import task
+from explain_prune.cli import set_torch_threads, task
 from explain_prune.models.base import InputError
 
 PATH_KEYS = ("paths.root_dir", "paths.log_dir", "paths.cache_root")
@@ -80,6 +80,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Train (or validate) and print where the results are; returns the results dict."""
     from explain_prune.compress import pipeline
 
+    set_torch_threads(cfg)  # before the cache is built, which can be most of the work
     eval_dirs = _eval_dirs(cfg)
     if cfg.get("validate_only"):
         cache_dirs = ensure_cache(cfg) if eval_dirs is None else []

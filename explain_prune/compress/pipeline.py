@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from explain_prune.data.cache import CacheReader
@@ -112,11 +111,6 @@ def _write_results(output_dir: Path, results: dict[str, Any]) -> Path:
     return path
 
 
-def _threads(cfg: DictConfig) -> None:
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(int(cfg.torch_threads))
-
-
 def _check_ckpt(path: Any) -> str | None:
     if path in (None, ""):
         return None
@@ -131,7 +125,6 @@ def fit(cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path) -> d
     lr = _number(cfg, "compressor.lr")
     # the primary cache must be the selected (model, data, modality); extra caches model + modality
     caches = open_caches(cache_dirs, expect_meta(cfg, with_data=False), first_expect=expect_meta(cfg))
-    _threads(cfg)
 
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -211,7 +204,6 @@ def validate(
     else:
         caches = open_caches(cache_dirs, expect_meta(cfg, with_data=False), first_expect=expect_meta(cfg))
         eval_caches = None
-    _threads(cfg)
 
     from explain_prune.compress.module import CompressorModule
 
