@@ -37,14 +37,16 @@ def _is_cache(directory: Path) -> bool:
 
 
 def ensure_cache(cfg: DictConfig) -> list[Any]:
-    """The cache directories this run reads.  A missing cache is built on the spot when the data
-    config allows it (`auto_generate: true`, the small synthetic default), otherwise a one-line
-    InputError names the generate command to run."""
+    """The cache directories this run reads.  When the data config allows it (`auto_generate:
+    true`, the small synthetic default) the cache is built on the spot — or completed, if an
+    interrupted run or a smaller `data.limit` left it short: generation resumes and skips the ids
+    already cached.  Otherwise a missing cache is a one-line InputError naming the generate command."""
     primary = Path(str(cfg.cache_dir))
-    if not _is_cache(primary) and cfg.data.get("auto_generate", False):
+    if cfg.data.get("auto_generate", False):
         from explain_prune.explain.collect import build_cache
 
-        print(f"no relevance cache at {primary}: building it first (data.auto_generate=true)")
+        state = "completing" if _is_cache(primary) else "no relevance cache yet: building"
+        print(f"{state} {primary} from data={cfg.data.name} (data.auto_generate=true)")
         print(build_cache(cfg).line())
     if not _is_cache(primary):
         command = [

@@ -208,6 +208,22 @@ def test_default_builds_the_synthetic_cache_then_trains(tmp_path):
         *FAST[:4],
     )
     assert rc == 0, err[-2000:]
-    assert "building it first" in out and "cached 24" in out
+    assert "no relevance cache yet: building" in out and "cached 24" in out
     assert (tmp_path / "cache" / "synthetic" / "synthetic" / "image" / "meta.json").is_file()
     assert "compressor:" in out and "val/kl=" in out
+
+
+def test_auto_generated_cache_is_completed_not_reused_short(tmp_path):
+    """An interrupted build or a smaller earlier data.limit leaves the cache short: the next run
+    resumes generation (skipping cached ids) and trains on the whole requested set."""
+    common = ["model=synthetic", "data.auto_generate=true", "trainer.max_epochs=1",
+              f"paths.cache_root={tmp_path / 'cache'}", f"paths.log_dir={tmp_path}", *FAST[:4]]
+    sizes = []
+    for limit, expected in ((12, "cached 12 "), (20, "cached 8 ")):
+        out, err, rc = cli(*common, f"data.limit={limit}")
+        assert rc == 0, err[-2000:]
+        assert expected in out, out
+        results = json.loads(Path(out.split("results json: ")[1].split()[0]).read_text())
+        sizes.append(results["train_samples"] + results["val_samples"])
+    assert "completing" in out and "already cached 12" in out
+    assert sizes[1] > sizes[0], sizes
