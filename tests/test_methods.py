@@ -162,6 +162,22 @@ def _topk_ordinals(scores, k):
     return torch.argsort(-scores.float(), stable=True)[:k].sort().values
 
 
+def test_ours_reads_the_a0_its_ftheta_was_trained_on(tmp_path):
+    """An f_θ trained on the last-position ablation of A_v^0 (its file says a0_query=last) is fed
+    that feature at inference, not the paper's instruction mean."""
+    torch.manual_seed(3)
+    net = FTheta(FThetaConfig(channels=[4, 8], a0_query="last"))
+    path = save_compressor(tmp_path / "last.safetensors", net)
+    vlm = tiny("tiny_qwen2vl")
+    method = build_method("ours", 0.25, checkpoint=str(path))
+    assert method.compressor.config.a0_query == "last"
+    prompt = prompts("tiny_qwen2vl")[0]
+    a0, rv = method.predict(vlm, prompt)
+    assert torch.equal(a0, first_layer_attention(vlm, prompt, "last").float())
+    assert not torch.allclose(a0, first_layer_attention(vlm, prompt).float())
+    assert torch.equal(rv, method.compressor(a0[None])[0])
+
+
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_ours_keeps_top_k_of_ftheta(name, ftheta_path):
     vlm = tiny(name)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -13,12 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from explain_prune.data.cache import CacheReader
+from explain_prune.data.sources import build_source
 from explain_prune.engine import generate
 from explain_prune.explain import first_layer_attention, relevance
 from explain_prune.explain.reference import naive_relevance
 from explain_prune.models import Sample, build_vlm
+from explain_prune.models.base import InputError
 
 from helpers import TINY_MODELS, model_cfg, random_image, write_video
 
@@ -85,17 +89,26 @@ def test_relevance_is_causal(name):
     assert not torch.allclose(rows[2], rows_altered[2])
 
 
+@pytest.mark.parametrize("query", ["instruction", "last"])
 @pytest.mark.parametrize("name", TINY_MODELS)
-def test_first_layer_attention_equals_eager_map_with_sdpa_model(name, video_file):
+def test_first_layer_attention_equals_eager_map_with_sdpa_model(name, query, video_file):
     vlm = tiny(name, "float32", "sdpa")
     for prompt in prompts(vlm, video_file):
-        ours = first_layer_attention(vlm, prompt)  # the model stays in sdpa mode here
+        ours = first_layer_attention(vlm, prompt, query)  # the model stays in sdpa mode here
         with vlm.attention_implementation("eager"), torch.no_grad():
             out = vlm.model(inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids, output_attentions=True)
-        eager = out.attentions[0][0][:, prompt.instruction_index][:, :, prompt.visual_index].mean(dim=(0, 1))
+        rows = prompt.instruction_index if query == "instruction" else [prompt.length - 1]
+        eager = out.attentions[0][0][:, rows][:, :, prompt.visual_index].mean(dim=(0, 1))
         assert ours.shape == (prompt.num_visual,)
         assert float((ours - eager).abs().max()) <= 1e-6
         assert vlm.model.config._attn_implementation == "sdpa"
+
+
+def test_unknown_a0_query_is_named():
+    vlm = tiny("tiny_qwen2vl", "float32", "sdpa")
+    prompt = vlm.prepare(Sample(id="i", question="What color ?", images=[random_image(3, 56, 56)]))
+    with pytest.raises(InputError, match="A_v\\^0 query 'first' unknown \\(known: instruction, last\\)"):
+        first_layer_attention(vlm, prompt, "first")
 
 
 # --- the generate entry point --------------------------------------------------------------------
@@ -112,6 +125,27 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_T
 def cache_contents(directory: Path) -> dict:
     reader = CacheReader([directory])
     return {s.id: (s.a0.tolist(), s.rv.tolist(), s.correct, s.answer) for s in reader}
+
+
+@pytest.mark.parametrize("query", ["instruction", "last"])
+def test_cache_holds_the_a0_of_its_query_and_records_it(tmp_path, query):
+    """generate with relevance.a0_query=<query> caches exactly first_layer_attention(..., query) and
+    says so in meta.json, which is what train copies into the f_θ file."""
+    cache = tmp_path / "cache"
+    proc = subprocess.run(generate_cmd(tmp_path, "data.limit=3", f"relevance.a0_query={query}", f"cache_dir={cache}"),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["config"]["relevance"]["a0_query"] == query
+    vlm = build_vlm(model_cfg("tiny_qwen2vl"))
+    data = OmegaConf.load(ROOT / "conf" / "data" / "synthetic.yaml")
+    data.limit = 3
+    source = build_source(data)
+    cached = {s.id: s.a0 for s in CacheReader([cache])}
+    assert len(cached) == 3
+    for sample in source:
+        expected = first_layer_attention(vlm, vlm.prepare(sample), query)
+        assert torch.allclose(cached[sample.id], expected.float(), rtol=1e-6, atol=1e-9)
 
 
 def test_generate_resumes_after_sigkill(tmp_path):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from explain_prune.compress.network import load_compressor
 from explain_prune.data.cache import CacheWriter, make_meta
 from explain_prune.data.planted import write_planted_cache
+from explain_prune.models.base import InputError
 from explain_prune.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,9 +84,34 @@ def test_training_beats_both_baselines(four_epochs, capsys):
     assert json.loads(Path(r["results_json"]).read_text())["metrics"]["val/kl"] == pytest.approx(kl)
     # the exported f_θ is the best checkpoint's network, rebuilt from the file alone
     net = load_compressor(r["compressor"])
+    assert net.config.a0_query == "instruction"  # a cache without the option holds the paper's A_v^0
     ckpt = torch.load(r["best_checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["ftheta"]["channels"] == [16] * 5
     assert torch.equal(net.head.weight, ckpt["state_dict"]["net.head.weight"])
+
+
+def _set_a0_query(directory: Path, query: str) -> None:
+    """Mark a planted cache as built with relevance.a0_query=<query> (what generate records)."""
+    meta = json.loads((directory / "meta.json").read_text())
+    meta["config"] = {**meta["config"], "relevance": {"a0_query": query}}
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
+def test_ftheta_file_records_the_caches_a0_query(tmp_path):
+    root = tmp_path / "cache"
+    primary = root / "tiny_qwen2vl" / "synthetic" / "image"
+    write_planted_cache(primary, 64, 40, 80)
+    _set_a0_query(primary, "last")
+    r = train(root, tmp_path / "run", "trainer.max_epochs=1")
+    assert load_compressor(r["compressor"]).config.a0_query == "last"
+    with pytest.raises(InputError, match=r"compressor.net.a0_query='instruction' but the caches hold A_v\^0 of a0_query='last'"):
+        train(root, tmp_path / "run2", "trainer.max_epochs=1", "+compressor.net.a0_query=instruction")
+    other = tmp_path / "other"
+    write_planted_cache(other, 64, 40, 80, id_prefix="o")  # no a0_query recorded: the paper's instruction rows
+    with pytest.raises(InputError, match="caches were built with different relevance.a0_query: last .*, instruction"):
+        train(root, tmp_path / "run3", "trainer.max_epochs=1", f"extra_cache_dirs=[{other}]")
+    with pytest.raises(InputError, match="reads A_v\\^0 of a0_query='last', but the caches hold a0_query='instruction'"):
+        train(root, tmp_path / "run4", "validate_only=true", f"ckpt_path={r['best_checkpoint']}", f"+eval_cache={other}")
 
 
 def test_resume_continues(cache_root, four_epochs, tmp_path):

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from explain_prune.explain.attention import A0_QUERIES
 from explain_prune.models.base import InputError
 
 FORMAT = "explain_prune.ftheta/1"
@@ -46,6 +47,8 @@ class FThetaConfig:
       "log":    log(x / mean(x) + eps),
       "zscore": (x - mean) / std over the sample's tokens,
       "none":   raw attention (its scale shrinks as 1/N_v).
+    a0_query: which layer-0 query rows the A_v^0 it reads averages (`explain.attention.A0_QUERIES`);
+      train copies it from the cache, so `method=ours` computes the same feature at inference.
     """
 
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
@@ -53,6 +56,7 @@ class FThetaConfig:
     activation: str = "relu"
     input_norm: str = "mean"
     eps: float = 1e-6
+    a0_query: str = "instruction"
 
     def __post_init__(self) -> None:
         self.channels = [int(c) for c in self.channels]
@@ -68,6 +72,8 @@ class FThetaConfig:
             )
         if self.input_norm not in INPUT_NORMS:
             raise InputError(f"compressor input_norm {self.input_norm!r} unknown (known: {', '.join(INPUT_NORMS)})")
+        if self.a0_query not in A0_QUERIES:
+            raise InputError(f"compressor a0_query {self.a0_query!r} unknown (known: {', '.join(A0_QUERIES)})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -53,6 +53,29 @@ def open_caches(dirs: Sequence[Any], expect: dict[str, Any], first_expect: dict[
     return readers
 
 
+def cache_a0_query(caches: Sequence[CacheReader]) -> str:
+    """The A_v^0 query rows the caches were built with (meta config.relevance.a0_query; caches from
+    before the option are "instruction"); caches that disagree cannot train one f_θ."""
+    queries = {}
+    for reader in caches:
+        relevance = ((reader.meta.get("config") or {}).get("relevance") or {})
+        queries.setdefault(relevance.get("a0_query", "instruction"), ", ".join(str(d) for d in reader.dirs))
+    if len(queries) > 1:
+        found = ", ".join(f"{q} ({where})" for q, where in queries.items())
+        raise InputError(f"caches were built with different relevance.a0_query: {found}")
+    return next(iter(queries), "instruction")
+
+
+def _ftheta_config(cfg: DictConfig, a0_query: str) -> dict[str, Any]:
+    """compressor.net plus the caches' a0_query, which an explicit compressor.net.a0_query must match."""
+    net = _plain(cfg.compressor.net)
+    if net.get("a0_query", a0_query) != a0_query:
+        raise InputError(
+            f"compressor.net.a0_query={net['a0_query']!r} but the caches hold A_v^0 of a0_query={a0_query!r}"
+        )
+    return {**net, "a0_query": a0_query}
+
+
 def _number(cfg: DictConfig, key: str, positive: bool = True) -> float:
     value = OmegaConf.select(cfg, key)
     try:
@@ -136,7 +159,7 @@ def fit(cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path) -> d
     datamodule = build_datamodule(cfg, caches)
     datamodule.setup("fit")  # split / filter problems fail here, before the trainer starts
     module = CompressorModule(
-        ftheta=_plain(cfg.compressor.net),
+        ftheta=_ftheta_config(cfg, cache_a0_query(caches)),
         lr=lr,
         overlap_ratios=list(cfg.compressor.overlap_ratios),
         cache_meta=datamodule.cache_meta,
@@ -215,6 +238,12 @@ def validate(
     if trained_model and trained_model != cfg.model.name:
         raise InputError(
             f"checkpoint {ckpt_path} was trained on model={trained_model!r}, but model={cfg.model.name!r} is selected"
+        )
+    trained_query = module.hparams.get("ftheta", {}).get("a0_query", "instruction")
+    if cache_a0_query(eval_caches or caches) != trained_query:
+        raise InputError(
+            f"checkpoint {ckpt_path} reads A_v^0 of a0_query={trained_query!r}, "
+            f"but the caches hold a0_query={cache_a0_query(eval_caches or caches)!r}"
         )
     output_dir.mkdir(parents=True, exist_ok=True)
     datamodule = build_datamodule(cfg, caches, eval_caches=eval_caches)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from explain_prune.benchmarks.base import SampleError
 from explain_prune.data.cache import CacheWriter
 from explain_prune.engine import generate
-from explain_prune.explain.attention import first_layer_attention
+from explain_prune.explain.attention import A0_QUERIES, first_layer_attention
 from explain_prune.explain.relevance import relevance
 from explain_prune.models.base import InputError, Sample, VLM
 
@@ -39,6 +39,11 @@ class RelevanceSettings:
     include_eos: bool = False  # count the end-of-turn token as an answer token
     max_new_tokens: int = 32
     batch_tokens: int = 1  # answer tokens per backward pass (see scripts/bench_relevance.py)
+    a0_query: str = "instruction"  # A_v^0's query rows: instruction (paper) | last (ablation)
+
+    def __post_init__(self) -> None:
+        if self.a0_query not in A0_QUERIES:
+            raise InputError(f"relevance.a0_query {self.a0_query!r} unknown (known: {', '.join(A0_QUERIES)})")
 
 
 @dataclass
@@ -121,7 +126,7 @@ def collect(
             continue
         correct = judge_correct(answer.text, item)
         rv = relevance(vlm, prompt, answer_ids, settings.head_reduce, settings.clamp, settings.batch_tokens)
-        a0 = first_layer_attention(vlm, prompt)
+        a0 = first_layer_attention(vlm, prompt, settings.a0_query)
         writer.add(item.id, a0, rv, grid=prompt.visual_grid, correct=correct, answer=answer.text)
         summary.cached += 1
         summary.correct += int(correct is True)

@@ -1,7 +1,8 @@
 """The paper's method (§3.3): a learned compressor f_θ maps the layer-0 attention A_v^0 to the
 predicted relevance R̃_v, and the top k = round(r * N_v) visual tokens by R̃_v enter the LLM.
 
-A_v^0 is `explain.first_layer_attention` — the instruction tokens' layer-0 attention rows, formed
+A_v^0 is `explain.first_layer_attention` — the instruction tokens' layer-0 attention rows (or the
+last prompt position's, if f_θ was trained on that ablation: its file records `a0_query`), formed
 from layer 0's own q/k only (so the model may run with sdpa / flash attention) —, exactly the
 feature f_θ was trained on.  Both run inside the layer-0 selector, so the engine's prefill time
 includes them.  The FLOPs overhead is Eq. 5 (A_v^0) + Eq. 6 (f_θ), reported separately.
@@ -43,7 +44,7 @@ class Ours(Method):
     def predict(self, vlm: VLM, prompt: VisualPrompt) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_v^0, R̃_v), both [N_v] float32 on the CPU."""
         net = self._require_compressor()
-        a0 = first_layer_attention(vlm, prompt).float()
+        a0 = first_layer_attention(vlm, prompt, net.config.a0_query).float()
         net = net.to(a0.device)
         rv = net(a0[None], torch.ones(1, a0.numel(), dtype=torch.bool, device=a0.device))[0]
         return a0, rv.float()
