@@ -197,16 +197,18 @@ def _nan_cache(directory: Path) -> None:
 
 def test_bad_inputs_fail_with_one_line(tmp_path):
     sub = "tiny_qwen2vl/synthetic/image"
-    roots = {name: tmp_path / name for name in ("missing", "other_model", "empty", "nan")}
+    roots = {name: tmp_path / name for name in ("missing", "other_model", "empty", "nan", "all_wrong")}
     with CacheWriter(roots["other_model"] / sub, make_meta("qwen2vl", "synthetic", "image")) as w:
         w.add("a", torch.rand(5), torch.rand(5))
     CacheWriter(roots["empty"] / sub, make_meta("tiny_qwen2vl", "synthetic", "image")).close()
     _nan_cache(roots["nan"] / sub)
+    write_planted_cache(roots["all_wrong"] / sub, 6, 10, 20, correct_every=1)
     expected = {
         "missing": "build it with: python -m explain_prune.generate model=tiny_qwen2vl data=synthetic modality=image",
         "other_model": "model='qwen2vl' but model='tiny_qwen2vl' was asked",
         "empty": "cache is empty",
         "nan": "non-finite value (nan) in a0 of sample 'x2'",
+        "all_wrong": f"cache {roots['all_wrong'] / sub}: all 6 samples were answered incorrectly",
     }
     procs = {
         name: cli(f"paths.cache_root={root}", f"paths.log_dir={tmp_path / 'out'}", *FAST[:2], wait=False)

@@ -59,7 +59,7 @@ def cache_a0_query(caches: Sequence[CacheReader]) -> str:
     queries = {}
     for reader in caches:
         relevance = ((reader.meta.get("config") or {}).get("relevance") or {})
-        queries.setdefault(relevance.get("a0_query", "instruction"), ", ".join(str(d) for d in reader.dirs))
+        queries.setdefault(relevance.get("a0_query", "instruction"), str(reader))
     if len(queries) > 1:
         found = ", ".join(f"{q} ({where})" for q, where in queries.items())
         raise InputError(f"caches were built with different relevance.a0_query: {found}")
@@ -240,10 +240,10 @@ def validate(
             f"checkpoint {ckpt_path} was trained on model={trained_model!r}, but model={cfg.model.name!r} is selected"
         )
     trained_query = module.hparams.get("ftheta", {}).get("a0_query", "instruction")
-    if cache_a0_query(eval_caches or caches) != trained_query:
+    held_query = cache_a0_query(eval_caches or caches)
+    if held_query != trained_query:
         raise InputError(
-            f"checkpoint {ckpt_path} reads A_v^0 of a0_query={trained_query!r}, "
-            f"but the caches hold a0_query={cache_a0_query(eval_caches or caches)!r}"
+            f"checkpoint {ckpt_path} reads A_v^0 of a0_query={trained_query!r}, but the caches hold a0_query={held_query!r}"
         )
     output_dir.mkdir(parents=True, exist_ok=True)
     datamodule = build_datamodule(cfg, caches, eval_caches=eval_caches)

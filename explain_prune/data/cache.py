@@ -162,7 +162,9 @@ def check_meta(meta: Mapping[str, Any], expect: Mapping[str, Any] | None, where:
             continue
         have = meta.get(key)
         if str(have) != str(wanted):
-            raise InputError(f"cache {where}: meta.json {key}={have!r} but {key}={wanted!r} was asked")
+            hint = (" (built with other relevance / frame settings: set cache_dir to write a new cache)"
+                    if key == "config_hash" else "")
+            raise InputError(f"cache {where}: meta.json {key}={have!r} but {key}={wanted!r} was asked{hint}")
 
 
 def _read_index(path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -555,6 +557,10 @@ class CacheReader:
 
     def __getitem__(self, i: int) -> CachedSample:
         return self.samples[i]
+
+    def __str__(self) -> str:
+        """Its directories, as error messages name a cache."""
+        return ", ".join(str(d) for d in self.dirs)
 
     def __iter__(self) -> Iterator[CachedSample]:
         return iter(self.samples)

@@ -232,7 +232,7 @@ class RelevanceDataModule(L.LightningDataModule):
             chosen = [s for s in reader if not (self.only_correct and s.correct is False)]
             if not chosen:
                 raise InputError(
-                    f"cache {entry}: all {len(reader)} samples were answered incorrectly "
+                    f"cache {reader}: all {len(reader)} samples were answered incorrectly "
                     "(set datamodule.only_correct=false to train on them anyway)"
                 )
             samples.extend(chosen)
