@@ -39,7 +39,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from explain_prune.explain.reference import naive_relevance  # noqa: E402
+from explain_prune.explain.reference import naive_relevance, relevance_matrix  # noqa: E402
 from explain_prune.explain.relevance import relevance, teacher_forced_attentions  # noqa: E402
 from explain_prune.models import Sample, build_vlm  # noqa: E402
 
@@ -123,14 +123,9 @@ def naive_sized_maps(vlm, prompt, answer) -> tuple[list[torch.Tensor], list[torc
 
 
 def nxn_work(maps: list[torch.Tensor], grads: list[torch.Tensor], num_tokens: int) -> torch.Tensor:
-    """The naive reference's work beyond the model passes: per answer token a fresh N x N identity,
-    then per layer Ā = mean_h((A ⊙ G)^+) and R <- R + Ā R."""
-    length = maps[0].shape[-1]
+    """The naive reference's work beyond the model passes: its `relevance_matrix` once per answer token."""
     for _ in range(num_tokens):
-        matrix = torch.eye(length, dtype=maps[0].dtype, device=maps[0].device)
-        for attention, grad in zip(maps, grads):
-            a_bar = (attention * grad).clamp(min=0).mean(0)
-            matrix = matrix + a_bar @ matrix
+        matrix = relevance_matrix(maps, grads)
     return matrix
 
 

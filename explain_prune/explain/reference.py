@@ -14,6 +14,21 @@ import torch
 from explain_prune.models.base import VisualPrompt, VLM
 
 
+def relevance_matrix(maps: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None, clamp: bool = True) -> torch.Tensor:
+    """Eq. 1 as printed: the full N x N R = (I + Ā_{L-1}) ... (I + Ā_0), updated layer 0 -> L-1 as
+    R <- R + Ā_l R, with Ā_l = mean_h((A_l ⊙ G_l)^+) — or mean_h A_l when `grads` is None.
+    maps, grads: one [H, N, N] per layer."""
+    matrix = torch.eye(maps[0].shape[-1], dtype=maps[0].dtype, device=maps[0].device)
+    for layer, attention in enumerate(maps):
+        if grads is None:
+            a_bar = attention.mean(0)
+        else:
+            cam = attention * grads[layer]
+            a_bar = (cam.clamp(min=0) if clamp else cam).mean(0)
+        matrix = matrix + a_bar @ matrix
+    return matrix
+
+
 def naive_relevance(
     vlm: VLM, prompt: VisualPrompt, answer_ids: Sequence[int], head_reduce: str = "grad", clamp: bool = True
 ) -> torch.Tensor:
@@ -25,22 +40,12 @@ def naive_relevance(
         out = vlm.model(inputs_embeds=embeds.detach().requires_grad_(True), position_ids=positions,
                         output_attentions=True, use_cache=False)
     attentions = out.attentions
-    length = embeds.shape[1]
+    maps = [attention[0].detach() for attention in attentions]
     rows = []
     for t, token in enumerate(answer):
         position = prompt.length - 1 + t
+        grads = None
         if head_reduce == "grad":
-            grads = torch.autograd.grad(out.logits[0, position, token], attentions, retain_graph=True)
-        relevance_matrix = torch.eye(length, dtype=attentions[0].dtype)
-        for layer, attention in enumerate(attentions):
-            a = attention[0].detach()
-            if head_reduce == "grad":
-                cam = a * grads[layer][0]
-                if clamp:
-                    cam = cam.clamp(min=0)
-                a_bar = cam.mean(0)
-            else:
-                a_bar = a.mean(0)
-            relevance_matrix = relevance_matrix + a_bar @ relevance_matrix
-        rows.append(relevance_matrix[position, prompt.visual_index])
+            grads = [g[0] for g in torch.autograd.grad(out.logits[0, position, token], attentions, retain_graph=True)]
+        rows.append(relevance_matrix(maps, grads, clamp)[position, prompt.visual_index])
     return torch.stack(rows).mean(0).float()
