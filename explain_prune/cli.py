@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Any, Callable
 
-from explain_prune.models.base import InputError
+from explain_prune.core import InputError
 from explain_prune.synthetic import register_resolvers
 
 register_resolvers()  # ${ep.asset:...} in conf/model/synthetic.yaml must resolve in every entry point

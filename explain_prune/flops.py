@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from explain_prune.models.base import InputError
+from explain_prune.core import InputError
 
 FFN_MATRICES = 3  # gate, up and down projections of a SwiGLU FFN (the paper's l)
 PAPER_COMPRESSOR_CHANNELS = (32, 64, 128, 256, 512)

@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from explain_prune.cli import task
-from explain_prune.data.cache import write_json_atomic
+from explain_prune.core import write_json_atomic
 from explain_prune.explain.collect import build_cache
 
 log = logging.getLogger(__name__)

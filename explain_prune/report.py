@@ -44,8 +44,7 @@ from omegaconf.errors import OmegaConfBaseException
 from explain_prune import tracking
 from explain_prune.benchmarks.runner import RESULTS
 from explain_prune.cli import task
-from explain_prune.data.cache import write_bytes_atomic
-from explain_prune.models.base import InputError
+from explain_prune.core import InputError, write_bytes_atomic
 
 KINDS = ("scores", "flops", "efficiency")
 DEFAULT_METHOD_ORDER = ("vanilla", "random", "gae", "fastv", "pdrop", "dart", "visionzip", "ours")
@@ -636,7 +635,9 @@ def plot(table: Table, path: Path) -> bool:
     if not points:
         return False
     from matplotlib import colormaps
-    from matplotlib.figure import Figure  # no pyplot: an Agg canvas, no global backend state
+    from matplotlib.figure import (
+        Figure,  # no pyplot: an Agg canvas, no global backend state
+    )
 
     methods = list(dict.fromkeys(m for series in points.values() for m in series))
     colors = {m: colormaps["tab10"](i % 10) for i, m in enumerate(methods)}

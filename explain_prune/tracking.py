@@ -18,8 +18,7 @@ from typing import Any, Mapping, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from explain_prune.benchmarks.runner import RESULTS, _jsonable
-from explain_prune.data.cache import write_json_atomic
-from explain_prune.models.base import InputError
+from explain_prune.core import InputError, write_json_atomic
 
 MASK = "***"
 SECRET_KEYS = ("api_key", "token", "password", "secret")

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig
 
 from explain_prune.cli import set_torch_threads, task
-from explain_prune.models.base import InputError
+from explain_prune.core import InputError
 
 PATH_KEYS = ("paths.root_dir", "paths.log_dir", "paths.cache_root")
 

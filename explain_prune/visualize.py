@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from explain_prune.cli import task
-from explain_prune.models.base import InputError, Sample, load_image
+from explain_prune.core import InputError, Sample, load_image
 
 
 def input_sample(cfg: DictConfig) -> Sample:
@@ -47,7 +47,7 @@ def input_sample(cfg: DictConfig) -> Sample:
 
 def run(cfg: DictConfig) -> Path:
     """Compute the maps and write `cfg.out` (PNG) and its JSON twin; returns the PNG path."""
-    from explain_prune.data.cache import write_json_atomic
+    from explain_prune.core import write_json_atomic
     from explain_prune.data.video import read_frames
     from explain_prune.explain import heatmap
     from explain_prune.methods import build_method, check_retention

@@ -51,7 +51,7 @@ from explain_prune.flops import (  # noqa: E402
     llm_flops,
 )
 from explain_prune.methods import build_method  # noqa: E402
-from explain_prune.models.base import DecoderParts, VisualPrompt, VLM  # noqa: E402
+from explain_prune.models.base import VLM, DecoderParts, VisualPrompt  # noqa: E402
 
 QWEN2VL_7B = dict(hidden_size=3584, intermediate_size=18944, num_heads=28, num_kv_heads=4, head_dim=128, num_layers=28)
 PREFIX, QUESTION, SUFFIX = 14, 24, 5  # text tokens around the visual span (system turn, question, template)

@@ -27,7 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from explain_prune.benchmarks.synthetic import BENCHMARK_SEED  # noqa: E402
 from explain_prune.engine.attention import attention_rows  # noqa: E402
 from explain_prune.models import build_vlm  # noqa: E402
-from explain_prune.synthetic.generator import SyntheticConfig, make_scene, scene_to_sample, token_positions  # noqa: E402
+from explain_prune.synthetic.generator import (  # noqa: E402
+    SyntheticConfig,
+    make_scene,
+    scene_to_sample,
+    token_positions,
+)
 
 
 def top_share(scores: torch.Tensor, k: int, tokens: set[int]) -> float:

@@ -7,15 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
-from PIL import Image
-
-from explain_prune.benchmarks import BENCHMARKS, FakeJudge, Record, SampleError, build_benchmark
-from explain_prune.benchmarks.extract import extract_option_letter, extract_yes_no, vqa_normalize_punctuation
-from explain_prune.benchmarks.judge import JudgeReply
-from explain_prune.benchmarks.mmvet import grader_prompt, parse_grade, rule_grade
-from explain_prune.benchmarks.vlmeval_tsv import mcq_prompt, resolve_root
-from explain_prune.models.base import InputError, Sample
 from fixtures import (
     BLUE,
     CORRUPT_B64,
@@ -28,6 +19,19 @@ from fixtures import (
     seedbench_rows,
     write_tsv,
 )
+from omegaconf import OmegaConf
+from PIL import Image
+
+from explain_prune.benchmarks import BENCHMARKS, FakeJudge, Record, build_benchmark
+from explain_prune.benchmarks.extract import (
+    extract_option_letter,
+    extract_yes_no,
+    vqa_normalize_punctuation,
+)
+from explain_prune.benchmarks.judge import JudgeReply
+from explain_prune.benchmarks.mmvet import grader_prompt, parse_grade, rule_grade
+from explain_prune.benchmarks.vlmeval_tsv import mcq_prompt, resolve_root
+from explain_prune.core import InputError, Sample, SampleError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -13,19 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from omegaconf import OmegaConf
-from PIL import Image
-
-from explain_prune.benchmarks import BENCHMARKS, SampleError, build_benchmark
-from explain_prune.benchmarks.activitynetqa import ActivityNetQA, parse_judgement
-from explain_prune.benchmarks.base import Record
-from explain_prune.benchmarks.judge import FakeJudge, Judge, JudgeReply
-from explain_prune.benchmarks.mmbench_video import MMBenchVideo, parse_rating
-from explain_prune.benchmarks.mvbench import MVBench
-from explain_prune.benchmarks.nextqa import NExTQAMC, NExTQAOE
-from explain_prune.benchmarks.videomme import VideoMME, extract_characters_regex
-from explain_prune.data.video import frame_indices, read_frames, read_sample_frames
-from explain_prune.models.base import InputError, Sample
 from fixtures import (
     gray_video,
     level,
@@ -36,6 +23,19 @@ from fixtures import (
     write_videomme,
     write_wordnet,
 )
+from omegaconf import OmegaConf
+from PIL import Image
+
+from explain_prune.benchmarks import BENCHMARKS, build_benchmark
+from explain_prune.benchmarks.activitynetqa import ActivityNetQA, parse_judgement
+from explain_prune.benchmarks.base import Record
+from explain_prune.benchmarks.judge import FakeJudge, Judge, JudgeReply
+from explain_prune.benchmarks.mmbench_video import MMBenchVideo, parse_rating
+from explain_prune.benchmarks.mvbench import MVBench
+from explain_prune.benchmarks.nextqa import NExTQAMC, NExTQAOE
+from explain_prune.benchmarks.videomme import VideoMME, extract_characters_regex
+from explain_prune.core import InputError, Sample, SampleError
+from explain_prune.data.video import frame_indices, read_frames, read_sample_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO_BENCHMARKS = ("videomme", "mvbench", "mmbench_video", "nextqa_mc", "nextqa_oe", "activitynetqa")

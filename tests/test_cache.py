@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from explain_prune.core import InputError
 from explain_prune.data.cache import CacheReader, CacheWriter, make_meta, read_meta
-from explain_prune.models.base import InputError
 
 META = make_meta("tiny_qwen2vl", "synthetic", "image", model_id="x", data_source="gen", config={"k": 1})
 EXPECT = {"model": "tiny_qwen2vl", "data": "synthetic", "modality": "image"}

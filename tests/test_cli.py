@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from explain_prune.cli import task
-from explain_prune.models.base import InputError
+from explain_prune.core import InputError
 
 
 @task

@@ -8,9 +8,14 @@ from safetensors import safe_open
 
 from explain_prune.compress.labels import make_label, topk_mask
 from explain_prune.compress.module import KeepSetOverlap, masked_kl
-from explain_prune.compress.network import FTheta, FThetaConfig, load_compressor, save_compressor
+from explain_prune.compress.network import (
+    FTheta,
+    FThetaConfig,
+    load_compressor,
+    save_compressor,
+)
+from explain_prune.core import InputError
 from explain_prune.flops import compressor_flops
-from explain_prune.models.base import InputError
 
 
 def test_label_masks_bottom_half_and_normalises():

@@ -4,9 +4,14 @@ import pytest
 import torch
 
 from explain_prune.compress.labels import make_label
-from explain_prune.data.datamodule import BucketBatchSampler, PadCollate, RelevanceDataModule, split_of
+from explain_prune.core import InputError
+from explain_prune.data.datamodule import (
+    BucketBatchSampler,
+    PadCollate,
+    RelevanceDataModule,
+    split_of,
+)
 from explain_prune.data.planted import write_planted_cache
-from explain_prune.models.base import InputError
 
 EXPECT = {"model": "tiny_qwen2vl", "data": "synthetic", "modality": "image"}
 

@@ -13,11 +13,10 @@ import functools
 
 import pytest
 import torch
+from helpers import TINY_MODELS, model_cfg, random_image, write_video
 
 from explain_prune.engine import PrunePlan, generate
 from explain_prune.models import Sample, build_vlm
-
-from helpers import TINY_MODELS, model_cfg, random_image, write_video
 
 QUESTIONS = ["What color is the object ?", "Is there a red circle in the image ?", "How many objects are there ?"]
 SIZES = [(112, 140), (84, 84), (112, 112)]

@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from helpers import random_image
 from fixtures import CORRUPT_B64, write_tsv
+from helpers import random_image
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("prefill_seconds", "decode_seconds")

@@ -17,17 +17,6 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
-from PIL import Image
-
-from explain_prune import flops as flops_lib
-from explain_prune.benchmarks import Record, build_benchmark, build_judge
-from explain_prune.methods.base import keep_count
-from explain_prune.models import build_vlm
-from explain_prune.models.base import Sample
 from fixtures import (
     CORRUPT_B64,
     gray_video,
@@ -44,6 +33,17 @@ from fixtures import (
     write_wordnet,
 )
 from helpers import TINY_MODELS, model_cfg
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+from PIL import Image
+
+from explain_prune import flops as flops_lib
+from explain_prune.benchmarks import Record, build_benchmark, build_judge
+from explain_prune.core import Sample
+from explain_prune.methods.base import keep_count
+from explain_prune.models import build_vlm
 
 ROOT = Path(__file__).resolve().parents[1]
 RETENTION = 0.5

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from explain_prune import evaluate, tracking
 from helpers import ROOT
 from test_evaluate import mmstar_root  # noqa: F401  (the MMStar fixture writer)
+
+from explain_prune import evaluate, tracking
 
 SECRET = "sk-test-0123456789abcdef"
 

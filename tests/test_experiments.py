@@ -17,19 +17,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import write_tsv
+from helpers import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
+from test_evaluate import b64_image
 
 from explain_prune import report
 from explain_prune.compress.network import FTheta, FThetaConfig, save_compressor
 from explain_prune.flops import method_report
 from explain_prune.methods import build_from_config
-from fixtures import write_tsv
-from helpers import ROOT
-from test_evaluate import b64_image
 
 CONF = ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from explain_prune.core import InputError
 from explain_prune.flops import (
     compressor_flops,
     first_layer_attention_flops,
@@ -13,7 +14,6 @@ from explain_prune.flops import (
     llm_flops,
     tera,
 )
-from explain_prune.models.base import InputError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 PAPER_DIMS = {"hidden_size": 3584, "intermediate_size": 18944, "num_layers": 28, "num_kv_heads": 4, "head_dim": 128}

@@ -12,9 +12,15 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from explain_prune.benchmarks import BENCHMARKS, FakeJudge, OpenAICompatibleJudge, Record, build_judge
+from explain_prune.benchmarks import (
+    BENCHMARKS,
+    FakeJudge,
+    OpenAICompatibleJudge,
+    Record,
+    build_judge,
+)
 from explain_prune.benchmarks.judge import cache_key
-from explain_prune.models.base import InputError
+from explain_prune.core import InputError
 
 SECRET = "sk-test-DO-NOT-LEAK-5c1f0e"
 KEY_ENV = "EXPLAIN_PRUNE_TEST_JUDGE_KEY"

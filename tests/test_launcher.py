@@ -12,10 +12,9 @@ from typing import ClassVar
 
 import pytest
 import submitit
+from helpers import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-
-from helpers import ROOT
 
 AutoExecutor = submitit.AutoExecutor  # the real one, kept before a test replaces it
 

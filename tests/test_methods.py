@@ -24,16 +24,16 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ROOT, TINY_MODELS, model_cfg, random_image
 from safetensors.torch import save_file
 
 from explain_prune.compress.network import FTheta, FThetaConfig, save_compressor
+from explain_prune.core import InputError
 from explain_prune.engine import generate
 from explain_prune.explain import first_layer_attention, relevance
 from explain_prune.methods import METHODS, build_method, keep_count
 from explain_prune.methods.pdrop import layer_averaged, search_layers
-from explain_prune.models import InputError, Sample, build_vlm
-
-from helpers import ROOT, TINY_MODELS, model_cfg, random_image
+from explain_prune.models import Sample, build_vlm
 
 QUESTIONS = ["What color is the object ?", "How many objects are there ?"]
 SIZES = [(112, 140), (84, 112)]

@@ -18,7 +18,8 @@ from PIL import Image
 from transformers import LlavaOnevisionProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from explain_prune.models import InputError, Sample, build_vlm
+from explain_prune.core import InputError
+from explain_prune.models import Sample, build_vlm
 from explain_prune.models.llava_onevision import LLAVA_OV_CHAT_TEMPLATE
 
 CONFIG = Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny_llava_ov.yaml"

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from explain_prune.models import InputError, Sample, build_vlm
+from explain_prune.core import InputError
+from explain_prune.models import Sample, build_vlm
 from explain_prune.models.vila import (
     SYSTEM,
     MlpDownsampleProjector,

@@ -14,17 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_MODELS, model_cfg, random_image, write_video
 from omegaconf import OmegaConf
 
+from explain_prune.core import InputError
 from explain_prune.data.cache import CacheReader
 from explain_prune.data.sources import build_source
 from explain_prune.engine import generate
 from explain_prune.explain import first_layer_attention, relevance
 from explain_prune.explain.reference import naive_relevance
 from explain_prune.models import Sample, build_vlm
-from explain_prune.models.base import InputError
-
-from helpers import TINY_MODELS, model_cfg, random_image, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from explain_prune import report
 from helpers import ROOT
 from test_evaluate import mmstar_root  # noqa: F401  (the MMStar fixture writer)
+
+from explain_prune import report
 
 MIB = 2**20
 EXPERIMENT = {

@@ -9,18 +9,22 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, write_video
 from omegaconf import OmegaConf
 from PIL import Image
 
-from explain_prune.benchmarks.base import SampleError
-from explain_prune.data.correctness import extract_choice, is_correct, normalize_answer, token_f1
+from explain_prune.core import InputError, Sample, SampleError
+from explain_prune.data.correctness import (
+    extract_choice,
+    is_correct,
+    normalize_answer,
+    token_f1,
+)
 from explain_prune.data.sources import build_source
 from explain_prune.data.sources.common import waterfill
 from explain_prune.data.sources.infinity_mm import InfinityMMSource
 from explain_prune.data.sources.llava_video import LLaVAVideoSource
-from explain_prune.models.base import InputError, Sample
 from explain_prune.synthetic.generator import SyntheticConfig, make_sample
-from helpers import ROOT, write_video
 
 MC_PROMPT = "Please provide your answer by stating the letter followed by the full option."
 
@@ -241,7 +245,9 @@ def test_llava_video_reads_the_release_layout(tmp_path):
     assert "conversations" in got["2_3_m_activitynetqa_oe_qa_processed/a2"].reason
     assert sum(isinstance(i, SampleError) for i in items) == 2
 
-    from explain_prune.data.video import read_frames  # the fixture is a real, decodable mp4
+    from explain_prune.data.video import (
+        read_frames,  # the fixture is a real, decodable mp4
+    )
     frames = read_frames(nq.video, 2)
     assert len(frames) == 2 and frames[0].size == (32, 32)
 

@@ -25,8 +25,8 @@ from explain_prune.benchmarks.synthetic import (
     expected_topk,
     pointing_game,
 )
+from explain_prune.core import InputError
 from explain_prune.engine import Generation
-from explain_prune.models.base import InputError
 from explain_prune.synthetic.generator import SyntheticConfig, make_sample
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from explain_prune.models import Sample, build_vlm
-from explain_prune.models.base import InputError
 from helpers import model_cfg, random_image
+
+from explain_prune.core import InputError
+from explain_prune.models import Sample, build_vlm
 
 QUESTION = "what is this ?"
 

@@ -22,6 +22,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY_MODELS, model_cfg, random_image
+from test_methods import tiny
 from transformers import AttentionInterface
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.qwen2_vl import modeling_qwen2_vl
@@ -30,13 +32,11 @@ from transformers.models.siglip import modeling_siglip
 from explain_prune import flops as flops_lib
 from explain_prune.benchmarks.base import Benchmark
 from explain_prune.benchmarks.runner import EvalSettings, evaluate
+from explain_prune.core import InputError
 from explain_prune.engine import PrunePlan, generate
 from explain_prune.methods import build_method, keep_count
 from explain_prune.methods.visionzip import zip_tokens
-from explain_prune.models import InputError, Sample, build_vlm
-
-from helpers import TINY_MODELS, model_cfg, random_image
-from test_methods import tiny
+from explain_prune.models import Sample, build_vlm
 
 KINDS = ["image", "images", "video"]
 RECORDER = "visionzip_test_eager_recorder"

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, model_cfg, random_image, write_video
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -22,9 +23,13 @@ from explain_prune.explain import heatmap
 from explain_prune.methods import build_method
 from explain_prune.models import Sample, build_vlm
 from explain_prune.models.base import VLM
-from explain_prune.synthetic.generator import SceneObject, SyntheticConfig, make_sample, object_mask
+from explain_prune.synthetic.generator import (
+    SceneObject,
+    SyntheticConfig,
+    make_sample,
+    object_mask,
+)
 from explain_prune.visualize import run
-from helpers import ROOT, model_cfg, random_image, write_video
 
 NO = list(VLM.NO_PLACE)
 

@@ -10,8 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from explain_prune.benchmarks.activitynetqa import ActivityNetQA
-from explain_prune.benchmarks.base import Benchmark, Record, SampleError
-from explain_prune.benchmarks.judge import FakeJudge, Judge, OpenAICompatibleJudge, build_judge
+from explain_prune.benchmarks.base import Benchmark, Record
+from explain_prune.benchmarks.judge import (
+    FakeJudge,
+    Judge,
+    OpenAICompatibleJudge,
+    build_judge,
+)
 from explain_prune.benchmarks.mmbench_video import MMBenchVideo
 from explain_prune.benchmarks.mme import MME
 from explain_prune.benchmarks.mmstar import MMStar
@@ -22,7 +27,7 @@ from explain_prune.benchmarks.pope import POPE
 from explain_prune.benchmarks.seedbench import SEEDBenchIMG
 from explain_prune.benchmarks.synthetic import SyntheticBenchmark
 from explain_prune.benchmarks.videomme import VideoMME
-from explain_prune.models.base import InputError
+from explain_prune.core import InputError, SampleError
 
 BENCHMARKS: dict[str, type[Benchmark]] = {
     "mme": MME,

@@ -36,7 +36,7 @@ from explain_prune.benchmarks.video_base import (
     read_table,
     text_field,
 )
-from explain_prune.models.base import InputError, Sample
+from explain_prune.core import InputError, Sample
 
 PARQUET = "data/test-00000-of-00001.parquet"
 POST_PROMPT = " Answer the question using a single word or phrase."

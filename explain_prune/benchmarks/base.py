@@ -13,15 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from explain_prune.models.base import Sample
-
-
-@dataclass
-class SampleError:
-    """A benchmark row that could not be read: counted in results, never scored."""
-
-    id: str
-    reason: str
+from explain_prune.core import Sample, SampleError
 
 
 @dataclass

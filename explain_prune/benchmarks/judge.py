@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from explain_prune.models.base import InputError
+from explain_prune.core import InputError
 
 log = logging.getLogger("explain_prune.judge")
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from explain_prune.benchmarks.base import Record
-from explain_prune.benchmarks.extract import OPTION_LETTER_EXTRACTION_ID, extract_option_letter
+from explain_prune.benchmarks.extract import (
+    OPTION_LETTER_EXTRACTION_ID,
+    extract_option_letter,
+)
 from explain_prune.benchmarks.vlmeval_tsv import (
     RowError,
     TSVRow,
@@ -24,7 +27,7 @@ from explain_prune.benchmarks.vlmeval_tsv import (
     percent,
     row_options,
 )
-from explain_prune.models.base import Sample
+from explain_prune.core import Sample
 
 
 class VLMEvalMCQBenchmark(VLMEvalImageBenchmark):

@@ -37,7 +37,7 @@ from explain_prune.benchmarks.video_base import (
     read_table,
     text_field,
 )
-from explain_prune.models.base import InputError, Sample
+from explain_prune.core import InputError, Sample
 
 TSV = "MMBench-Video.tsv"
 

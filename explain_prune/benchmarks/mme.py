@@ -20,8 +20,13 @@ from typing import Any
 
 from explain_prune.benchmarks.base import Record
 from explain_prune.benchmarks.extract import YES_NO_EXTRACTION_ID, extract_yes_no
-from explain_prune.benchmarks.vlmeval_tsv import RowError, TSVRow, VLMEvalImageBenchmark, percent
-from explain_prune.models.base import Sample
+from explain_prune.benchmarks.vlmeval_tsv import (
+    RowError,
+    TSVRow,
+    VLMEvalImageBenchmark,
+    percent,
+)
+from explain_prune.core import Sample
 
 PERCEPTION = (
     "existence", "count", "position", "color", "posters",

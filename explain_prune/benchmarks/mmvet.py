@@ -28,7 +28,7 @@ from typing import Any
 from explain_prune.benchmarks.base import Record
 from explain_prune.benchmarks.judge import Judge
 from explain_prune.benchmarks.vlmeval_tsv import TSVRow, VLMEvalImageBenchmark, percent
-from explain_prune.models.base import InputError, Sample
+from explain_prune.core import InputError, Sample
 
 CAPABILITIES = ("rec", "ocr", "know", "gen", "spat", "math")
 

@@ -55,8 +55,8 @@ from explain_prune.benchmarks.video_base import (
     read_table,
     text_field,
 )
+from explain_prune.core import InputError, Sample
 from explain_prune.data.video import frame_indices
-from explain_prune.models.base import InputError, Sample
 
 # task (json stem): (VLMEvalKit name, VLMEvalKit folder under video/, stored as, bound, lmms-eval folder)
 TASKS: dict[str, tuple[str, str, str, bool, str]] = {

@@ -29,7 +29,10 @@ import abc
 from typing import Any, Iterator
 
 from explain_prune.benchmarks.base import Record
-from explain_prune.benchmarks.extract import OPTION_LETTER_EXTRACTION_ID, extract_option_letter
+from explain_prune.benchmarks.extract import (
+    OPTION_LETTER_EXTRACTION_ID,
+    extract_option_letter,
+)
 from explain_prune.benchmarks.video_base import (
     RowError,
     VideoBenchmark,
@@ -40,7 +43,7 @@ from explain_prune.benchmarks.video_base import (
     text_field,
 )
 from explain_prune.benchmarks.wups import Wups
-from explain_prune.models.base import InputError, Sample
+from explain_prune.core import InputError, Sample
 
 OPTIONS = ("A", "B", "C", "D", "E")
 QTYPES = ("CW", "CH", "TN", "TC", "DB", "DC", "DL", "DO")

@@ -20,10 +20,10 @@ from typing import Any, Iterable, Mapping
 from tqdm import tqdm
 
 from explain_prune import flops as flops_lib
-from explain_prune.benchmarks.base import Benchmark, Record, SampleError
-from explain_prune.data.cache import write_json_atomic
+from explain_prune.benchmarks.base import Benchmark, Record
+from explain_prune.core import InputError, SampleError, write_json_atomic
 from explain_prune.engine import generate
-from explain_prune.models.base import InputError, VLM
+from explain_prune.models.base import VLM
 
 log = logging.getLogger(__name__)
 

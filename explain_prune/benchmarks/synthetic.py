@@ -29,8 +29,8 @@ import torch
 from explain_prune.benchmarks.base import Benchmark, Record
 from explain_prune.benchmarks.extract import vqa_normalize_punctuation
 from explain_prune.benchmarks.vlmeval_tsv import grouped_accuracy, percent
+from explain_prune.core import InputError, Sample
 from explain_prune.data.sources.synthetic import synthetic_config
-from explain_prune.models.base import InputError, Sample
 from explain_prune.synthetic.generator import make_sample
 
 BENCHMARK_SEED = 1_000_003  # held-out stream of this benchmark; tests check it is no training stream

@@ -30,9 +30,9 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import pandas as pd
 
-from explain_prune.benchmarks.base import Benchmark, SampleError
+from explain_prune.benchmarks.base import Benchmark
+from explain_prune.core import InputError, Sample, SampleError
 from explain_prune.data.video import SAMPLING_RULES
-from explain_prune.models.base import InputError, Sample
 
 
 class RowError(ValueError):

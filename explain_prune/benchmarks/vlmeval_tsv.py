@@ -36,8 +36,8 @@ from typing import Any, Iterator
 import pandas as pd
 from PIL import Image
 
-from explain_prune.benchmarks.base import Benchmark, SampleError
-from explain_prune.models.base import InputError, Sample
+from explain_prune.benchmarks.base import Benchmark
+from explain_prune.core import InputError, Sample, SampleError
 
 IMAGE_REF_MAX_CHARS = 64  # an `image` value this short is the index of another row
 OPTION_LETTERS = tuple(string.ascii_uppercase)

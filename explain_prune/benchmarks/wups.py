@@ -40,7 +40,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from explain_prune.models.base import InputError
+from explain_prune.core import InputError
 
 WORDNET_ENV = "EXPLAIN_PRUNE_WORDNET"
 WORDNET_FILES = (

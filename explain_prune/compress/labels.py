@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from explain_prune.models.base import InputError
+from explain_prune.core import InputError
 
 
 def keep_count(lengths: torch.Tensor, ratio: float) -> torch.Tensor:

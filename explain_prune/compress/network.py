@@ -24,8 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from explain_prune.core import InputError
 from explain_prune.explain.attention import A0_QUERIES
-from explain_prune.models.base import InputError
 
 FORMAT = "explain_prune.ftheta/1"
 ACTIVATIONS = {

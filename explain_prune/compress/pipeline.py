@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from explain_prune.core import InputError
 from explain_prune.data.cache import CacheReader
-from explain_prune.models.base import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning as L

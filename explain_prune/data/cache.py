@@ -39,7 +39,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from explain_prune.models.base import InputError
+from explain_prune.core import (
+    InputError,
+    fsync_dir,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,40 +105,12 @@ def part_name(shard_id: int, num_shards: int) -> str:
     return f"part{int(shard_id):03d}of{int(num_shards):03d}"
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(str(directory), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp name, fsync, rename: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
@@ -162,8 +138,11 @@ def check_meta(meta: Mapping[str, Any], expect: Mapping[str, Any] | None, where:
             continue
         have = meta.get(key)
         if str(have) != str(wanted):
-            hint = (" (built with other relevance / frame settings: set cache_dir to write a new cache)"
-                    if key == "config_hash" else "")
+            hint = (
+                " (built with other relevance / frame settings: set cache_dir to write a new cache)"
+                if key == "config_hash"
+                else ""
+            )
             raise InputError(f"cache {where}: meta.json {key}={have!r} but {key}={wanted!r} was asked{hint}")
 
 
@@ -298,7 +277,7 @@ class CacheWriter:
             if name not in referenced:
                 log.warning("removing unindexed shard %s (interrupted write)", path)
                 path.unlink()
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def _load_done_ids(self) -> set[str]:
         done: set[str] = set()
@@ -380,7 +359,7 @@ class CacheWriter:
             os.fsync(fh.fileno())
         size, digest = tmp.stat().st_size, _sha256(tmp)
         os.replace(tmp, final)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         lines = []
         for row, b in enumerate(self._buffer):
             entry = {

@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from explain_prune.compress.labels import make_label
+from explain_prune.core import InputError
 from explain_prune.data.cache import CachedSample, CacheReader, check_meta
-from explain_prune.models.base import InputError
 
 log = logging.getLogger(__name__)
 

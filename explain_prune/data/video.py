@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-from explain_prune.models.base import InputError
+from explain_prune.core import InputError
 
 SAMPLING_RULES = ("linspace", "interior", "centers")
 

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 from explain_prune.engine.loop import Generation, KVCache, run
 from explain_prune.engine.plan import PrunePlan, Selector, TokenView
-from explain_prune.models.base import VisualPrompt, VLM
+from explain_prune.models.base import VLM, VisualPrompt
 
 
 def _plan_for(method: Any, vlm: VLM, prompt: VisualPrompt) -> PrunePlan:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from explain_prune.engine.plan import PrunePlan, TokenView
-from explain_prune.models.base import VisualPrompt, VLM
+from explain_prune.models.base import VLM, VisualPrompt
 
 
 @dataclass

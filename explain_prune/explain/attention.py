@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from explain_prune.core import InputError
 from explain_prune.engine.attention import attention_rows
-from explain_prune.models.base import InputError, VisualPrompt, VLM
-
+from explain_prune.models.base import VLM, VisualPrompt
 
 A0_QUERIES = ("instruction", "last")  # which layer-0 query rows A_v^0 averages (see first_layer_attention)
 

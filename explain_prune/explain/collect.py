@@ -16,12 +16,12 @@ from typing import Any, Iterable
 
 from tqdm import tqdm
 
-from explain_prune.benchmarks.base import SampleError
+from explain_prune.core import InputError, Sample, SampleError
 from explain_prune.data.cache import CacheWriter
 from explain_prune.engine import generate
 from explain_prune.explain.attention import A0_QUERIES, first_layer_attention
 from explain_prune.explain.relevance import relevance
-from explain_prune.models.base import InputError, Sample, VLM
+from explain_prune.models.base import VLM
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from explain_prune.core import Sample
 from explain_prune.engine import generate
 from explain_prune.engine.plan import PrunePlan, TokenView
 from explain_prune.methods.base import tracked
-from explain_prune.models.base import Sample, VisualPrompt, VLM
+from explain_prune.models.base import VLM, VisualPrompt
 from explain_prune.synthetic.generator import TEMPORAL_PATCH
 
 VIEW_NAMES = {0: "thumbnail", 1: "anyres crops"}  # names when a picture has several views (LLaVA-OneVision)

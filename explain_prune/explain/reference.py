@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from explain_prune.models.base import VisualPrompt, VLM
+from explain_prune.models.base import VLM, VisualPrompt
 
 
 def relevance_matrix(maps: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None, clamp: bool = True) -> torch.Tensor:

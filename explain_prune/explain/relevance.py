@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from explain_prune.models.base import VisualPrompt, VLM
+from explain_prune.models.base import VLM, VisualPrompt
 
 HEAD_REDUCTIONS = ("grad", "mean")
 

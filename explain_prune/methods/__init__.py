@@ -11,8 +11,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from explain_prune.core import InputError
 from explain_prune.methods.base import Method, check_retention, keep_count
-from explain_prune.models.base import InputError
 
 # name -> "module:Class"
 METHODS: dict[str, str] = {

@@ -19,8 +19,9 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
+from explain_prune.core import InputError
 from explain_prune.engine.plan import PrunePlan, TokenView
-from explain_prune.models.base import InputError, VisualPrompt, VLM
+from explain_prune.models.base import VLM, VisualPrompt
 
 SelectFn = Callable[[TokenView], "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"]
 

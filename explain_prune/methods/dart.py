@@ -35,9 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from explain_prune.core import InputError
 from explain_prune.engine.plan import PrunePlan, TokenView
 from explain_prune.methods.base import Method, tracked
-from explain_prune.models.base import InputError, VisualPrompt, VLM
+from explain_prune.models.base import VLM, VisualPrompt
 
 
 class DART(Method):

@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
+from explain_prune.core import InputError
 from explain_prune.engine import generate
 from explain_prune.engine.plan import PrunePlan, TokenView
 from explain_prune.explain import relevance
 from explain_prune.methods.base import Method, tracked
-from explain_prune.models.base import InputError, VisualPrompt, VLM
+from explain_prune.models.base import VLM, VisualPrompt
 
 HEAD_REDUCTIONS = ("grad", "mean")
 

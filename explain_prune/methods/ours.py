@@ -16,11 +16,16 @@ from typing import Any, Mapping
 import torch
 
 from explain_prune.compress.network import FTheta, load_compressor
+from explain_prune.core import InputError
 from explain_prune.engine.plan import PrunePlan, TokenView
 from explain_prune.explain import first_layer_attention
-from explain_prune.flops import PAPER_COMPRESSOR_CHANNELS, compressor_flops, first_layer_attention_flops
+from explain_prune.flops import (
+    PAPER_COMPRESSOR_CHANNELS,
+    compressor_flops,
+    first_layer_attention_flops,
+)
 from explain_prune.methods.base import Method, tracked
-from explain_prune.models.base import InputError, VisualPrompt, VLM
+from explain_prune.models.base import VLM, VisualPrompt
 
 
 class Ours(Method):

@@ -35,9 +35,10 @@ from typing import Any, Sequence
 
 import torch
 
+from explain_prune.core import InputError
 from explain_prune.engine.plan import PrunePlan, TokenView
 from explain_prune.methods.base import Method, keep_count, tracked
-from explain_prune.models.base import InputError, VisualPrompt, VLM
+from explain_prune.models.base import VLM, VisualPrompt
 
 TOLERANCE = 0.01  # allowed |r̄ - target| when both layers and λ are fixed, or for searched layers
 

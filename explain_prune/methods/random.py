@@ -12,7 +12,7 @@ import torch
 
 from explain_prune.engine.plan import PrunePlan, TokenView
 from explain_prune.methods.base import Method, tracked
-from explain_prune.models.base import VisualPrompt, VLM
+from explain_prune.models.base import VLM, VisualPrompt
 
 
 def sample_seed(seed: int, sample_id: str) -> int:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from explain_prune.core import InputError
 from explain_prune.engine.plan import PrunePlan
 from explain_prune.methods.base import Method
-from explain_prune.models.base import InputError, VisualPrompt, VLM
+from explain_prune.models.base import VLM, VisualPrompt
 
 
 class Vanilla(Method):

@@ -38,9 +38,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from explain_prune.core import InputError
 from explain_prune.engine.plan import PrunePlan
 from explain_prune.methods.base import Method, keep_count
-from explain_prune.models.base import InputError, VisualPrompt, VLM
+from explain_prune.models.base import VLM, VisualPrompt
 
 META_KEY = "visionzip"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
-from explain_prune.models.base import DecoderParts, InputError, Sample, VisualPrompt, VLM
+from explain_prune.core import InputError, Sample
+from explain_prune.models.base import VLM, DecoderParts, VisualPrompt
 
 # family name -> "module:Class"; modules are imported lazily so `import explain_prune` stays cheap.
 FAMILIES = {

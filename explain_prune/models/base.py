@@ -19,14 +19,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-
-
-class InputError(ValueError):
-    """Bad user input (a missing file, an unreadable video, an empty question ...).
-
-    Entry points print its one-line message and exit non-zero; bulk jobs count it as a skip.
-    """
-
+from explain_prune.core import InputError, Sample, load_image
+from explain_prune.data.video import read_sample_frames
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,24 +31,13 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_image(image: Image.Image | str | Path) -> Image.Image:
-    """An RGB PIL image from a PIL image or a path; one-line InputError if unreadable."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise InputError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except Exception as err:  # PIL raises several types for corrupt files
-        raise InputError(f"unreadable image {path}: {type(err).__name__}") from None
-
 
 def load_frames(sample: "Sample", num_frames: int, default_rule: str) -> list[Image.Image]:
     """The RGB frames of a video sample: its list of images / paths as given, or `num_frames` decoded
     from its file by the sample's rule and clip bounds (`data.video.read_sample_frames`)."""
-    from explain_prune.data.video import read_sample_frames  # data.video imports this module
+    from explain_prune.data.video import (
+        read_sample_frames,  # data.video imports this module
+    )
 
     frames = sample.video
     if not isinstance(frames, list):
@@ -71,28 +54,6 @@ def checkpoint_path(cfg: Any) -> str:
         raise InputError(f"model {cfg.get('name')}: checkpoint directory not found: {path}")
     return path
 
-
-@dataclass
-class Sample:
-    """One visual question.
-
-    Exactly one of `images` / `video` carries the visual input.  `video` is either a path to a
-    video file (read by `data.video.read_frames` with the adapter's frame budget) or an
-    already decoded list of frames.
-    """
-
-    id: str
-    question: str
-    images: list[Image.Image] = field(default_factory=list)
-    video: str | Path | list[Image.Image] | None = None
-    answer: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def modality(self) -> str:
-        if self.video is not None:
-            return "video"
-        return "image" if self.images else "text"
 
 
 @dataclass

@@ -44,7 +44,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+from transformers import (
+    AutoTokenizer,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+)
 from transformers.image_processing_utils import select_best_resolution
 from transformers.image_utils import SizeDict
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
@@ -52,16 +56,14 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 )
 from transformers.utils import cached_file
 
+from explain_prune.core import InputError, Sample, load_image
 from explain_prune.models.base import (
-    DecoderParts,
-    InputError,
-    checkpoint_path,
-    Sample,
-    VisualPrompt,
     VLM,
+    DecoderParts,
+    VisualPrompt,
+    checkpoint_path,
     instruction_positions,
     load_frames,
-    load_image,
     torch_dtype,
 )
 from explain_prune.models.tiny import build_tokenizer
@@ -496,7 +498,9 @@ class LlavaOneVision(VLM):
         """
         from transformers.image_processing_utils import get_patch_output_size
         from transformers.image_utils import ChannelDimension
-        from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image
+        from transformers.models.llava_onevision.modeling_llava_onevision import (
+            unpad_image,
+        )
 
         p, tile = self.patches, self.tile
         patch = int(self.model.config.vision_config.patch_size)

@@ -16,23 +16,27 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.image_utils import SizeDict
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+    Qwen2VLImageProcessorPil,
+)
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
+from explain_prune.core import InputError, Sample, load_image
 from explain_prune.models.base import (
-    DecoderParts,
-    InputError,
-    checkpoint_path,
-    load_frames,
-    load_image,
-    torch_dtype,
-    Sample,
-    VisualPrompt,
     VLM,
+    DecoderParts,
+    VisualPrompt,
+    checkpoint_path,
     instruction_positions,
+    load_frames,
+    torch_dtype,
 )
 from explain_prune.models.tiny import build_tokenizer
-from explain_prune.models.vision_attention import capture_call, received_attention, vision_block
+from explain_prune.models.vision_attention import (
+    capture_call,
+    received_attention,
+    vision_block,
+)
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 ASSISTANT_OPEN = "<|im_end|>\n<|im_start|>assistant\n"  # closes the user turn, opens the answer

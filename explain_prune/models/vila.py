@@ -49,17 +49,21 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
+from explain_prune.core import InputError, Sample, load_image
 from explain_prune.models.base import (
-    DecoderParts,
-    InputError,
-    Sample,
-    VisualPrompt,
     VLM,
+    DecoderParts,
+    VisualPrompt,
     instruction_positions,
     load_frames,
-    load_image,
     torch_dtype,
 )
 from explain_prune.models.tiny import build_tokenizer

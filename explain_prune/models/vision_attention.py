@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from explain_prune.models.base import InputError
+from explain_prune.core import InputError
 
 
 def vision_block(blocks: nn.ModuleList, layer: int) -> nn.Module:

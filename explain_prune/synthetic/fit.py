@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
 from explain_prune.cli import task
-from explain_prune.models.base import InputError, Sample
+from explain_prune.core import InputError, Sample
 from explain_prune.synthetic import register_resolvers
 from explain_prune.synthetic.generator import SyntheticConfig, generate
 

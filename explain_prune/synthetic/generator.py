@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from explain_prune.models.base import Sample
+from explain_prune.core import Sample
 
 TOKEN_PX = 28  # one Qwen2-VL visual token: 14-px patch x spatial merge 2
 TEMPORAL_PATCH = 2  # frames per temporal token

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from explain_prune.models.base import Sample
+from explain_prune.core import Sample
 
 CONDITIONS = ("full", "drop_gt", "drop_random", "keep_gt_only")
 

@@ -21,12 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from explain_prune.benchmarks.base import SampleError
+from explain_prune.core import InputError, SampleError
 from explain_prune.data.sources.common import Source
 from explain_prune.data.sources.infinity_mm import InfinityMMSource
 from explain_prune.data.sources.llava_video import LLaVAVideoSource
 from explain_prune.data.sources.synthetic import SyntheticSource
-from explain_prune.models.base import InputError
 
 COMMON_KEYS = ("name", "source", "strict", "auto_generate")
 SOURCE_KEYS: dict[str, tuple[str, ...]] = {

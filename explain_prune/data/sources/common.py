@@ -46,8 +46,7 @@ from typing import Any
 
 from PIL import Image
 
-from explain_prune.benchmarks.base import SampleError
-from explain_prune.models.base import InputError, Sample
+from explain_prune.core import InputError, Sample, SampleError
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from PIL import Image
 
+from explain_prune.core import InputError, Sample
 from explain_prune.data.sources.common import (
     IMAGE_EXTENSIONS,
     Entry,
@@ -50,7 +51,6 @@ from explain_prune.data.sources.common import (
     resolve_root,
     select,
 )
-from explain_prune.models.base import InputError, Sample
 
 
 class InfinityMMSource(Source):

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from explain_prune.core import InputError, Sample
 from explain_prune.data.sources.common import (
     ANNOTATION_SUFFIXES,
     Entry,
@@ -54,7 +55,6 @@ from explain_prune.data.sources.common import (
     resolve_root,
     select,
 )
-from explain_prune.models.base import InputError, Sample
 
 TASKS = ("oe", "mc", "cap")
 DEFAULT_TASKS = ("oe", "mc")

@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from explain_prune.models.base import InputError, Sample
+from explain_prune.core import InputError, Sample
 from explain_prune.synthetic.generator import SyntheticConfig, make_sample
 
 

@@ -1,0 +1,48 @@
+"""`Sample`, the one visual question every source and benchmark yields, and the image loader they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from explain_prune.core.errors import InputError
+
+
+def load_image(image: Image.Image | str | Path) -> Image.Image:
+    """An RGB PIL image from a PIL image or a path; one-line InputError if unreadable."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise InputError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as err:  # PIL raises several types for corrupt files
+        raise InputError(f"unreadable image {path}: {type(err).__name__}") from None
+
+
+@dataclass
+class Sample:
+    """One visual question.
+
+    Exactly one of `images` / `video` carries the visual input.  `video` is either a path to a
+    video file (read by `data.video.read_frames` with the adapter's frame budget) or an
+    already decoded list of frames.
+    """
+
+    id: str
+    question: str
+    images: list[Image.Image] = field(default_factory=list)
+    video: str | Path | list[Image.Image] | None = None
+    answer: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modality(self) -> str:
+        if self.video is not None:
+            return "video"
+        return "image" if self.images else "text"
