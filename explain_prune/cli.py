@@ -5,8 +5,12 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections.abc import Mapping
 from typing import Any, Callable
 
+from omegaconf import DictConfig
+
+from explain_prune.config import check_config
 from explain_prune.core import InputError
 from explain_prune.synthetic import register_resolvers
 
@@ -44,7 +48,8 @@ def task(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            if args:
+            if args and isinstance(args[0], Mapping | DictConfig):
+                check_config(args[0])  # one line and exit 2 for a bad setting, before any model loads
                 set_torch_threads(args[0])
             return fn(*args, **kwargs)
         except InputError as err:

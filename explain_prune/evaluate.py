@@ -27,7 +27,8 @@ from explain_prune.models import build_vlm
 def main(cfg: DictConfig) -> dict:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     choices = dict(HydraConfig.get().runtime.choices)
-    method = build_from_config(cfg.method, retention=cfg.retention)
+    method = build_from_config(cfg.method)
+    method.check_runnable()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     secrets = tracking.secret_values(resolved)
     job = tracking.scrub(tracking.job_identity(cfg, method.retention), secrets)

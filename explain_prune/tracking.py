@@ -1,7 +1,7 @@
 """Bookkeeping around evaluate jobs: what a run directory holds (so a rerun skips complete jobs),
 secret scrubbing, and W&B runs.
 
-results.json stays the source of truth (DESIGN §4); W&B is a mirror, offline unless asked, so
+results.json stays the source of truth (docs/design.md §Results and W&B); W&B is a mirror, offline unless asked, so
 everything works with no account.  Before any config is saved or logged it goes through `scrub`:
 config keys ending in `_env` name an environment variable holding a secret (the judge's
 `api_key_env`), and the value of that variable is masked wherever it appears, as is the value of

@@ -20,7 +20,7 @@ import torch
 
 from explain_prune.compress.module import CompressorModule, masked_kl
 from explain_prune.data.cache import CacheReader
-from explain_prune.data.datamodule import RelevanceDataModule
+from explain_prune.compress.datamodule import RelevanceDataModule
 from explain_prune.data.planted import write_planted_cache
 
 EXPECT = {"model": "tiny_qwen2vl", "data": "synthetic", "modality": "image"}

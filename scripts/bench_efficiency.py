@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from explain_prune.compress.network import FTheta, FThetaConfig, save_compressor  # noqa: E402
 from explain_prune.engine import generate  # noqa: E402
 from explain_prune.explain import first_layer_attention  # noqa: E402
-from explain_prune.flops import (  # noqa: E402
+from explain_prune.engine.flops import (  # noqa: E402
     PAPER_COMPRESSOR_CHANNELS,
     compressor_flops,
     first_layer_attention_flops,

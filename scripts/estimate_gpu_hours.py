@@ -33,7 +33,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 import explain_prune.cli  # noqa: F401  (registers the config resolvers)
-from explain_prune.flops import llm_flops, method_report
+from explain_prune.engine.flops import llm_flops, method_report
 from explain_prune.methods import build_from_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -79,7 +79,7 @@ def estimate(name: str) -> tuple[int, int, float]:
         if "ours" in arm:  # FLOPs need no trained f_θ
             overrides.append("method.options.checkpoint=null")
         arm_cfg = compose("evaluate", overrides=overrides)
-        method = build_from_config(arm_cfg.method, retention=arm_cfg.retention)
+        method = build_from_config(arm_cfg.method)
         for model in sweep["model"]:
             dims = OmegaConf.load(CONF / "model" / f"{model}.yaml").llm
             for benchmark in sweep["benchmark"]:

@@ -15,7 +15,7 @@ from explain_prune.compress.network import (
     save_compressor,
 )
 from explain_prune.core import InputError
-from explain_prune.flops import compressor_flops
+from explain_prune.engine.flops import compressor_flops
 
 
 def test_label_masks_bottom_half_and_normalises():

@@ -5,7 +5,7 @@ import torch
 
 from explain_prune.compress.labels import make_label
 from explain_prune.core import InputError
-from explain_prune.data.datamodule import (
+from explain_prune.compress.datamodule import (
     BucketBatchSampler,
     PadCollate,
     RelevanceDataModule,

@@ -51,7 +51,7 @@ def run_evaluate(*overrides: str) -> subprocess.CompletedProcess:
 
 
 def common(root: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["model=tiny_qwen2vl", "benchmark=mmstar", f"benchmark.root={root}", "method=fastv", "retention=0.5",
+    return ["model=tiny_qwen2vl", "benchmark=mmstar", f"benchmark.root={root}", "method=fastv", "retention=r0.5",
             f"hydra.run.dir={run_dir}", *extra]
 
 
@@ -109,7 +109,7 @@ def test_batched_evaluation_equals_single(mmstar_root, tmp_path):
         (["strict=true"], "strict=true"),
         (["method=nonsense"], "nonsense"),
         (["model=nonsense"], "nonsense"),
-        (["retention=1.5"], "retention"),
+        (["method.retention=1.5"], "retention"),
     ],
 )
 def test_bad_input_is_one_line_nonzero_exit(mmstar_root, tmp_path, extra, message):
@@ -128,12 +128,12 @@ def test_missing_benchmark_file_names_it(tmp_path):
 
 
 def test_bad_job_in_a_multirun_does_not_stop_the_sweep(tmp_path):
-    """retention=2.0 is rejected with its one-line error, the r0.5 job still runs, exit is non-zero."""
+    """method.retention=2.0 is rejected with its one-line error, the r0.5 job still runs, exit is non-zero."""
     sweep = tmp_path / "sweep"
     proc = run_evaluate("-m", "model=tiny_qwen2vl", "benchmark=synthetic", "benchmark.limit=1", "method=random",
-                        "retention=2.0,0.5", f"hydra.sweep.dir={sweep}")
+                        "method.retention=2.0,0.5", f"hydra.sweep.dir={sweep}")
     assert proc.returncode != 0
-    assert "error: retention must be in (0, 1], got 2.0" in proc.stderr
+    assert "error: method.retention: must be in (0, 1], got 2.0" in proc.stderr
     done = sorted(p.relative_to(sweep).as_posix() for p in sweep.rglob("results.json"))
     assert done == ["tiny_qwen2vl/synthetic/random/r0.5/results.json"], done
 
@@ -149,7 +149,7 @@ def test_top_level_max_new_tokens_is_what_results_record(tmp_path):
 def test_run_dir_of_another_job_is_refused_not_resumed(tmp_path):
     """The run_id does not name method options: resuming a gae(grad) dir as gae(mean) would score the
     grad answers; it fails with one line instead.  A larger limit resumes the same job."""
-    base = ["model=synthetic", "benchmark=synthetic", "method=gae", "retention=0.5", f"hydra.run.dir={tmp_path}"]
+    base = ["model=synthetic", "benchmark=synthetic", "method=gae", "retention=r0.5", f"hydra.run.dir={tmp_path}"]
     first = run_evaluate(*base, "benchmark.limit=1")
     assert first.returncode == 0, first.stderr[-2000:]
     other = run_evaluate(*base, "benchmark.limit=1", "method.options.head_reduce=mean")

@@ -39,7 +39,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
-from explain_prune import flops as flops_lib
+from explain_prune.engine import flops as flops_lib
 from explain_prune.benchmarks import Record, build_benchmark, build_judge
 from explain_prune.core import Sample
 from explain_prune.methods.base import keep_count
@@ -153,7 +153,7 @@ def test_benchmark_end_to_end(case: Case, data_roots, tmp_path):
     out = tmp_path / "run"
     method_overrides, expected_kept = METHODS[case.method]
     overrides = [f"model={case.model}", f"benchmark={case.benchmark}", f"benchmark.root={data_roots[case.benchmark]}",
-                 f"method={case.method}", f"retention={RETENTION}", "benchmark.max_new_tokens=4", *method_overrides,
+                 f"method={case.method}", f"method.retention={RETENTION}", "benchmark.max_new_tokens=4", *method_overrides,
                  *case.overrides]
     if case.benchmark == "nextqa_oe":
         overrides.append(f"benchmark.wordnet_path={data_roots['wordnet']}")

@@ -41,7 +41,7 @@ def test_offline_wandb_run_has_the_metrics_and_no_secret(mmstar_root, tmp_path, 
     monkeypatch.setenv("EP_TEST_JUDGE_KEY", SECRET)
     run = tmp_path / "run"
     # the judge is configured (unused by MMStar) and its key also leaks into a resolved URL: both must be masked
-    run_inprocess(monkeypatch, run, f"benchmark.root={mmstar_root}", "benchmark.limit=2", "method=fastv", "retention=0.5",
+    run_inprocess(monkeypatch, run, f"benchmark.root={mmstar_root}", "benchmark.limit=2", "method=fastv", "retention=r0.5",
                   "judge=openai_compatible", "judge.api_key_env=EP_TEST_JUDGE_KEY", "judge.cache_dir=null",
                   "judge.base_url=https://judge.invalid/${oc.env:EP_TEST_JUDGE_KEY}/v1")
     results = json.loads((run / "results.json").read_text())
@@ -77,12 +77,12 @@ def test_complete_job_is_skipped_without_loading_the_model(mmstar_root, tmp_path
     monkeypatch.setattr(evaluate, "build_vlm", lambda *a, **k: loads.append(1) or real_build(*a, **k))
     run = tmp_path / "run"
     base = (f"benchmark.root={mmstar_root}", "method=vanilla")
-    run_inprocess(monkeypatch, run, *base, "benchmark.limit=2", "retention=1.0")
+    run_inprocess(monkeypatch, run, *base, "benchmark.limit=2", "method.retention=1.0")
     first = (run / "results.json").read_bytes()
     assert len(loads) == 1 and json.loads(first)["complete"] is True
 
-    # the same job, also when a sweep reaches it under another spelling (vanilla resolves to 1.0 either way)
-    for retention in ("retention=1.0", "retention=${method.retention}"):
+    # the same job, also when reached under another spelling of the same settings
+    for retention in ("method.retention=1.0", "method.retention=1"):
         capsys.readouterr()
         run_inprocess(monkeypatch, run, *base, "benchmark.limit=2", retention)
         assert "skip:" in capsys.readouterr().out

@@ -28,7 +28,7 @@ from test_evaluate import b64_image
 
 from explain_prune import report
 from explain_prune.compress.network import FTheta, FThetaConfig, save_compressor
-from explain_prune.flops import method_report
+from explain_prune.engine.flops import method_report
 from explain_prune.methods import build_from_config
 
 CONF = ROOT / "conf"
@@ -82,7 +82,7 @@ def test_experiment_composes_with_a_valid_sweep(name, experiments, hydra_conf):
     cfg, sweep, _ = experiments[name]
     assert cfg.hydra.mode == RunMode.MULTIRUN  # experiment=<name> sweeps without -m
     # its own sweep dir per launch: named after it, stamped to the microsecond
-    assert re.search(rf"/evaluate/sweeps/{name}/\d{{4}}(-\d\d){{2}}_(\d\d-){{3}}\d{{6}}$", cfg.hydra.sweep.dir)
+    assert re.search(rf"/evaluate/multiruns/{name}/\d{{4}}(-\d\d){{2}}_(\d\d-){{3}}\d{{6}}$", cfg.hydra.sweep.dir)
     assert set(sweep) == SWEEP_KEYS
     for key, group in (("model", "model"), ("benchmark", "benchmark")):
         options = hydra_conf.get_group_options(group)
@@ -110,18 +110,17 @@ def test_arms_are_distinct_cells_covering_the_paper_rows(name, experiments):
     model, benchmark = sweep["model"][0], sweep["benchmark"][0]
     cells = {}
     for arm, job in arms.items():
-        cell = (job.variant, float(job.retention))
-        assert job.run_id == f"{model}/{benchmark}/{job.variant}/r{job.retention}"
-        assert job.method.retention == job.retention  # the saved config shows what ran
+        cell = (job.variant, float(job.method.retention))
+        assert job.run_id == f"{model}/{benchmark}/{job.variant}/r{job.method.retention}"
         assert cell not in cells, f"{arm} and {cells.get(cell)} share a run dir"
         cells[cell] = arm
         if job.method.name == "vanilla":
-            assert job.retention == 1.0
+            assert job.method.retention == 1.0
         else:
-            assert job.retention < 1.0, arm
+            assert job.method.retention < 1.0, arm
     assert ("vanilla", 1.0) in cells  # vanilla: one job per (model, benchmark), whatever the retentions
     for row in OmegaConf.to_container(cfg.experiment.paper):
-        runs = [job for job in arms.values() if job.method.name == row["method"] and job.retention == row["retention"]
+        runs = [job for job in arms.values() if job.method.name == row["method"] and job.method.retention == row["retention"]
                 and all(job.method.options.get(k) == v for k, v in row.get("options", {}).items())]
         if row["method"] in PAPER_ONLY:
             assert not runs
@@ -186,10 +185,10 @@ def test_paper_flops_of_fastv_and_dart_rows_match_their_arms(experiments):
         for row in OmegaConf.to_container(cfg.experiment.paper):
             if row["method"] not in ("vanilla", "fastv", "dart") or not {"flops_x", "flops_T"} & set(row):
                 continue
-            (job,) = [j for j in arms.values() if j.method.name == row["method"] and j.retention == row["retention"]
+            (job,) = [j for j in arms.values() if j.method.name == row["method"] and j.method.retention == row["retention"]
                       and all(j.method.options.get(k) == v for k, v in row.get("options", {}).items())]
             dims = OmegaConf.load(CONF / "model" / f"{row['model']}.yaml").llm
-            got = method_report(dims, build_from_config(job.method, retention=job.retention), REFERENCE_N[(row["model"], modality)])
+            got = method_report(dims, build_from_config(job.method), REFERENCE_N[(row["model"], modality)])
             if "flops_x" in row:
                 assert got["flops_ratio"] == pytest.approx(row["flops_x"], abs=0.005), (name, row)
             if "flops_T" in row:
@@ -241,7 +240,7 @@ def test_table2_sweep_on_a_tiny_model_resume_and_report(tmp_path):
     command = ["experiment=table2", "model=tiny_qwen2vl", "benchmark=mmstar,seedbench", "benchmark.limit=2", "judge=none",
                f"compressor_dir={tmp_path / 'compressors'}", f"+experiment/arm={arms}"]
     run_evaluate(tmp_path, *command)  # no -m: the experiment is a multirun; run from outside the repo
-    (sweep_dir,) = (tmp_path / "outputs/evaluate/sweeps/table2").iterdir()
+    (sweep_dir,) = (tmp_path / "outputs/evaluate/multiruns/table2").iterdir()
     found = sorted(p.parent.relative_to(sweep_dir).as_posix() for p in sweep_dir.rglob("results.json"))
     cells = ["dart_l1/r0.5", "fastv_l1/r0.5", "ours/r0.25", "ours/r0.5", "vanilla/r1.0"]
     assert found == [f"tiny_qwen2vl/{b}/{c}" for b in benches for c in cells]

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from explain_prune.core import InputError
-from explain_prune.flops import (
+from explain_prune.engine.flops import (
     compressor_flops,
     first_layer_attention_flops,
     kv_cache_bytes,

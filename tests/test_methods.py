@@ -350,14 +350,16 @@ def test_bad_retention(retention):
 
 
 def test_unknown_method_and_option(tmp_path):
-    with pytest.raises(InputError, match="known: .*dart.*fastv"):
+    with pytest.raises(InputError, match="allowed: .*dart.*fastv"):
         build_method("fastvv", 0.5)
-    with pytest.raises(InputError, match="unknown option.*K"):
+    with pytest.raises(InputError, match=r"method.options.K: unknown key \(allowed: layer, query\)"):
         build_method("fastv", 0.5, K=2)
     with pytest.raises(InputError, match="retention must be 1.0"):
         build_method("vanilla", 0.5)
-    with pytest.raises(InputError, match="query"):
+    with pytest.raises(InputError, match=r"method.options.query: 'first' is not allowed \(allowed: last, mean\)"):
         build_method("fastv", 0.5, query="first")
+    with pytest.raises(InputError, match=r"method.options.layer: expected int, got 'abc'"):
+        build_method("fastv", 0.5, layer="abc")
     with pytest.raises(InputError, match="fastv layer"):
         build_method("fastv", 0.5, layer=3).plan(tiny("tiny_vila"), prompts("tiny_vila")[0])
     assert sorted(METHODS) == sorted(["vanilla", "random", "gae", "ours", "fastv", "pdrop", "dart", "visionzip"])
@@ -389,7 +391,7 @@ def _flops_cli(*args):
 
 
 def test_flops_cli():
-    ok = _flops_cli("model=qwen2vl", "n_visual=1302", "method=ours", "retention=0.25")
+    ok = _flops_cli("model=qwen2vl", "n_visual=1302", "method=ours", "retention=r0.25")
     assert ok.returncode == 0, ok.stderr
     lines = ok.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -400,8 +402,8 @@ def test_flops_cli():
     assert round(report["vanilla_kv_cache_MiB"], 1) == 71.2 and round(report["kv_cache_MiB"], 1) == 17.8
     assert round(report["overhead"]["first_layer_attention_share_of_vanilla"] * 100, 2) == 0.17
     assert report["visual_tokens_per_layer"] == [326] * 28 and report["method"] == "ours"
-    bad = _flops_cli("model=qwen2vl", "n_visual=1302", "method=fastv", "retention=1.5")
+    bad = _flops_cli("model=qwen2vl", "n_visual=1302", "method=fastv", "method.retention=1.5")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "retention" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
-    missing = _flops_cli("model=qwen2vl", "method=pdrop", "retention=0.25")
+    missing = _flops_cli("model=qwen2vl", "method=pdrop", "retention=r0.25")
     assert missing.returncode == 2 and "n_visual" in missing.stderr

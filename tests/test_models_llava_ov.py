@@ -28,7 +28,7 @@ FRAME_COLORS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20), (20
 
 
 class ImageOnlyProcessor(LlavaOnevisionProcessor):
-    """LlavaOnevisionProcessor without the torchvision video processor (see notes/env-check.md §2b)."""
+    """LlavaOnevisionProcessor without the torchvision video processor (torchvision is not installed: README Quickstart)."""
 
     def __init__(self, image_processor, tokenizer, num_image_tokens, vision_aspect_ratio, chat_template):
         self.num_image_tokens = num_image_tokens

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
+from vila_checkpoint import save_original
 
 from explain_prune.core import InputError
 from explain_prune.models import Sample, build_vlm
@@ -23,7 +24,6 @@ from explain_prune.models.vila import (
     Vila,
     VilaImageProcessor,
     build_tiny,
-    save_original,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny_vila.yaml"

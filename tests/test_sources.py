@@ -318,9 +318,9 @@ def test_waterfill_splits_equally_within_capacity():
 
 
 def test_build_source_dispatch_and_errors(tmp_path):
-    with pytest.raises(InputError, match="known: \\['infinity_mm', 'llava_video', 'synthetic'\\]"):
+    with pytest.raises(InputError, match=r"unknown data source 'coco' \(allowed: infinity_mm, llava_video, synthetic\)"):
         build_source({"source": "coco"})
-    with pytest.raises(InputError, match="unknown key.*balance_per_part"):
+    with pytest.raises(InputError, match=r"data.balance_per_part: unknown key \(allowed: auto_generate, generator, limit, "):
         build_source({"source": "synthetic", "limit": 2, "balance_per_part": 3})
     with pytest.raises(InputError, match="not a directory"):
         build_source({"source": "llava_video", "root": str(tmp_path / "absent")})

@@ -217,7 +217,7 @@ def test_evaluate_cli_defaults_to_the_synthetic_benchmark(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "explain_prune.evaluate", "method=gae", "retention=0.25", "benchmark.limit=4",
+        [sys.executable, "-m", "explain_prune.evaluate", "method=gae", "retention=r0.25", "benchmark.limit=4",
          f"hydra.run.dir={run}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )

@@ -29,7 +29,7 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 from transformers.models.siglip import modeling_siglip
 
-from explain_prune import flops as flops_lib
+from explain_prune.engine import flops as flops_lib
 from explain_prune.benchmarks.base import Benchmark
 from explain_prune.benchmarks.runner import EvalSettings, evaluate
 from explain_prune.core import InputError

@@ -37,6 +37,7 @@ from explain_prune.benchmarks.video_base import (
     text_field,
 )
 from explain_prune.core import InputError, Sample
+from explain_prune.benchmarks.base import BENCHMARKS
 
 PARQUET = "data/test-00000-of-00001.parquet"
 POST_PROMPT = " Answer the question using a single word or phrase."
@@ -100,8 +101,8 @@ def rule_judgement(answer: str, prediction: str) -> str:
     return repr({"pred": "yes" if hit else "no", "score": 5 if hit else 0})
 
 
+@BENCHMARKS.register("activitynetqa")
 class ActivityNetQA(VideoBenchmark):
-    name = "activitynetqa"
     env_var = "ACTIVITYNETQA_ROOT"
     prompt_id = "lmms_activitynetqa"
     extraction_id = JUDGE_PROMPT_ID

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from explain_prune.core import Sample, SampleError
+from explain_prune.core.registry import Registry
 
 
 @dataclass
@@ -26,6 +27,9 @@ class Record:
     extracted: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
     sample_metrics: dict[str, Any] | None = None  # Benchmark.sample_metrics of this sample, if any
+
+
+BENCHMARKS: Registry = Registry("benchmark")  # every benchmark registers itself: @BENCHMARKS.register(name)
 
 
 class Benchmark(abc.ABC):

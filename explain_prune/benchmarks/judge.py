@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from explain_prune.core import InputError
+from explain_prune.core.registry import Registry
+from explain_prune.core.schema import check_mapping
 
 log = logging.getLogger("explain_prune.judge")
 
@@ -54,6 +56,9 @@ class JudgeReply:
     error: str | None = None
     cached: bool = False
     attempts: int = 0
+
+
+JUDGES: Registry = Registry("judge")  # @JUDGES.register(name); "none" (no judge) is not a class
 
 
 class Judge(abc.ABC):
@@ -139,6 +144,7 @@ class _Fatal(Exception):
     pass
 
 
+@JUDGES.register("openai_compatible")
 class OpenAICompatibleJudge(Judge):
     kind = "openai_compatible"
 
@@ -288,6 +294,7 @@ class OpenAICompatibleJudge(Judge):
 # --- fake judge -------------------------------------------------------------------------------
 
 
+@JUDGES.register("fake")
 class FakeJudge(Judge):
     """Deterministic offline judge; `calls` counts completions (for tests)."""
 
@@ -317,9 +324,6 @@ class FakeJudge(Judge):
 
 # --- factory ----------------------------------------------------------------------------------
 
-JUDGE_TYPES = ("none", "openai_compatible", "fake")
-
-
 def build_judge(cfg: Mapping[str, Any] | None) -> Judge | None:
     """`judge` config group -> a judge, or None for `name: none` (or no config)."""
     if cfg is None:
@@ -327,19 +331,6 @@ def build_judge(cfg: Mapping[str, Any] | None) -> Judge | None:
     opts = dict(cfg.items())
     name = str(opts.pop("name", "none") or "none")
     if name == "none":
+        check_mapping("judge", opts, {})
         return None
-    if name == "fake":
-        return FakeJudge(model=str(opts.get("model") or "fake-judge"))
-    if name == "openai_compatible":
-        allowed = {
-            "base_url", "model", "api_key_env", "timeout", "max_retries",
-            "backoff", "temperature", "max_tokens", "cache_dir", "system_prompt",
-        }
-        unknown = sorted(set(opts) - allowed)
-        if unknown:
-            raise InputError(f"unknown judge option(s) {unknown}; allowed: {sorted(allowed)}")
-        missing = [k for k in ("base_url", "model") if not opts.get(k)]
-        if missing:
-            raise InputError(f"judge openai_compatible needs {missing}")
-        return OpenAICompatibleJudge(**opts)
-    raise InputError(f"unknown judge {name!r}; choose one of {list(JUDGE_TYPES)}")
+    return JUDGES.build(name, where="judge", **opts)

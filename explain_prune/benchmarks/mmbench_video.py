@@ -38,6 +38,7 @@ from explain_prune.benchmarks.video_base import (
     text_field,
 )
 from explain_prune.core import InputError, Sample
+from explain_prune.benchmarks.base import BENCHMARKS
 
 TSV = "MMBench-Video.tsv"
 
@@ -133,8 +134,8 @@ def rating_tables(items: list[tuple[list[str], int]]) -> dict[str, dict[str, flo
     }
 
 
+@BENCHMARKS.register("mmbench_video")
 class MMBenchVideo(VideoBenchmark):
-    name = "mmbench_video"
     env_var = "MMBENCH_VIDEO_ROOT"
     prompt_id = "vlmeval_mmbench_video_videollm"
     extraction_id = JUDGE_PROMPT_ID

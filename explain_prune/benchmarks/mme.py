@@ -27,6 +27,7 @@ from explain_prune.benchmarks.vlmeval_tsv import (
     percent,
 )
 from explain_prune.core import Sample
+from explain_prune.benchmarks.base import BENCHMARKS
 
 PERCEPTION = (
     "existence", "count", "position", "color", "posters",
@@ -43,8 +44,8 @@ def normalize_yes_no_answer(answer: str) -> str:
     return text.capitalize()
 
 
+@BENCHMARKS.register("mme")
 class MME(VLMEvalImageBenchmark):
-    name = "mme"
     tsv_name = "MME"
     prompt_id = "vlmeval_raw_question"
     extraction_id = YES_NO_EXTRACTION_ID

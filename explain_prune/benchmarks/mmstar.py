@@ -9,8 +9,9 @@ l2-category means) and per `category` and `l2-category`.
 from __future__ import annotations
 
 from explain_prune.benchmarks.mcq import VLMEvalMCQBenchmark
+from explain_prune.benchmarks.base import BENCHMARKS
 
 
+@BENCHMARKS.register("mmstar")
 class MMStar(VLMEvalMCQBenchmark):
-    name = "mmstar"
     tsv_name = "MMStar"

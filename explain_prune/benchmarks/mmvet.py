@@ -29,6 +29,7 @@ from explain_prune.benchmarks.base import Record
 from explain_prune.benchmarks.judge import Judge
 from explain_prune.benchmarks.vlmeval_tsv import TSVRow, VLMEvalImageBenchmark, percent
 from explain_prune.core import InputError, Sample
+from explain_prune.benchmarks.base import BENCHMARKS
 
 CAPABILITIES = ("rec", "ocr", "know", "gen", "spat", "math")
 
@@ -104,8 +105,8 @@ def rule_grade(answer: str, prediction: str) -> float:
     return 1.0 if gt.strip().lower() in pred else 0.0
 
 
+@BENCHMARKS.register("mmvet")
 class MMVet(VLMEvalImageBenchmark):
-    name = "mmvet"
     tsv_name = "MMVet"
     prompt_id = "vlmeval_raw_question"
     extraction_id = GRADER_PROMPT_ID

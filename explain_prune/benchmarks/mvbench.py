@@ -57,6 +57,7 @@ from explain_prune.benchmarks.video_base import (
 )
 from explain_prune.core import InputError, Sample
 from explain_prune.data.video import frame_indices
+from explain_prune.benchmarks.base import BENCHMARKS
 
 # task (json stem): (VLMEvalKit name, VLMEvalKit folder under video/, stored as, bound, lmms-eval folder)
 TASKS: dict[str, tuple[str, str, str, bool, str]] = {
@@ -130,8 +131,8 @@ def first_token_letter(prediction: str, letters: Sequence[str]) -> str | None:
     return token if token in letters else None
 
 
+@BENCHMARKS.register("mvbench")
 class MVBench(VideoBenchmark):
-    name = "mvbench"
     env_var = "MVBENCH_ROOT"
     prompt_id = "vlmeval_mvbench"
     extraction_id = "mvbench_first_token_can_infer"

@@ -44,6 +44,7 @@ from explain_prune.benchmarks.video_base import (
 )
 from explain_prune.benchmarks.wups import Wups
 from explain_prune.core import InputError, Sample
+from explain_prune.benchmarks.base import BENCHMARKS
 
 OPTIONS = ("A", "B", "C", "D", "E")
 QTYPES = ("CW", "CH", "TN", "TC", "DB", "DC", "DL", "DO")
@@ -84,8 +85,8 @@ class _NExTQA(VideoBenchmark):
         return sid, question, str(path), meta
 
 
+@BENCHMARKS.register("nextqa_mc")
 class NExTQAMC(_NExTQA):
-    name = "nextqa_mc"
     prompt_id = "lmms_nextqa_mc"
     extraction_id = OPTION_LETTER_EXTRACTION_ID
     max_new_tokens = 16
@@ -125,8 +126,8 @@ class NExTQAMC(_NExTQA):
         }
 
 
+@BENCHMARKS.register("nextqa_oe")
 class NExTQAOE(_NExTQA):
-    name = "nextqa_oe"
     prompt_id = "lmms_nextqa_oe"
     extraction_id = "nextqa_wups"
     max_new_tokens = 32

@@ -28,6 +28,7 @@ from explain_prune.benchmarks.vlmeval_tsv import (
     percent,
 )
 from explain_prune.core import Sample
+from explain_prune.benchmarks.base import BENCHMARKS
 
 YORN_SUFFIX = " Please answer yes or no."
 
@@ -56,8 +57,8 @@ def split_names(category: str | None) -> list[str]:
     return [c.strip() for c in (category or "").split(",") if c.strip()]
 
 
+@BENCHMARKS.register("pope")
 class POPE(VLMEvalImageBenchmark):
-    name = "pope"
     tsv_name = "POPE"
     prompt_id = "vlmeval_qwen2vl_yorn"
     extraction_id = YES_NO_EXTRACTION_ID

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 from tqdm import tqdm
 
-from explain_prune import flops as flops_lib
+from explain_prune.engine import flops as flops_lib
 from explain_prune.benchmarks.base import Benchmark, Record
 from explain_prune.core import InputError, SampleError, write_json_atomic
 from explain_prune.engine import generate

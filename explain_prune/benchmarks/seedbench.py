@@ -8,8 +8,9 @@ category). Prompt / extraction / scoring: see `benchmarks/mcq.py` — accuracy o
 from __future__ import annotations
 
 from explain_prune.benchmarks.mcq import VLMEvalMCQBenchmark
+from explain_prune.benchmarks.base import BENCHMARKS
 
 
+@BENCHMARKS.register("seedbench")
 class SEEDBenchIMG(VLMEvalMCQBenchmark):
-    name = "seedbench"
     tsv_name = "SEEDBench_IMG"

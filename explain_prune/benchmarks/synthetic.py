@@ -32,6 +32,7 @@ from explain_prune.benchmarks.vlmeval_tsv import grouped_accuracy, percent
 from explain_prune.core import InputError, Sample
 from explain_prune.data.sources.synthetic import synthetic_config
 from explain_prune.synthetic.generator import make_sample
+from explain_prune.benchmarks.base import BENCHMARKS
 
 BENCHMARK_SEED = 1_000_003  # held-out stream of this benchmark; tests check it is no training stream
 POINTING_KEYS = ("argmax_hit", "topk_precision", "topk_mass_in_gt", "mass_in_gt")
@@ -108,8 +109,8 @@ def first_word(prediction: str) -> str:
     return (normalize_answer(prediction).split() or [""])[0]
 
 
+@BENCHMARKS.register("synthetic")
 class SyntheticBenchmark(Benchmark):
-    name = "synthetic"
     prompt_id = "synthetic_question"
     extraction_id = "synthetic_first_word"
     max_new_tokens = 2  # the answer word + <|im_end|> (anything else in 2nd place is a run-on)

@@ -45,6 +45,7 @@ from explain_prune.benchmarks.video_base import (
     text_field,
 )
 from explain_prune.core import InputError, Sample
+from explain_prune.benchmarks.base import BENCHMARKS
 
 DURATIONS = ("short", "medium", "long")
 LETTERS = ("A", "B", "C", "D")
@@ -88,8 +89,8 @@ def videomme_prompt(question: str, options: list[str]) -> str:
     return FRAMES_TMPL_NOSUB + "\n" + "Question: " + question + "\n" + "\n".join(options) + "\nAnswer:"
 
 
+@BENCHMARKS.register("videomme")
 class VideoMME(VideoBenchmark):
-    name = "videomme"
     env_var = "VIDEOMME_ROOT"
     prompt_id = "vlmeval_videomme_nosub"
     extraction_id = "videomme_regex"

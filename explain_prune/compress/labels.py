@@ -12,12 +12,8 @@ from __future__ import annotations
 import torch
 
 from explain_prune.core import InputError
+from explain_prune.core.retention import keep_count
 
-
-def keep_count(lengths: torch.Tensor, ratio: float) -> torch.Tensor:
-    """k = max(1, round(ratio * N)) per sample (DESIGN §4 retention rule); 0 for empty samples."""
-    k = torch.round(lengths.to(torch.float64) * float(ratio)).to(torch.long)
-    return torch.where(lengths > 0, k.clamp(min=1), torch.zeros_like(k)).minimum(lengths)
 
 
 def rank_positions(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -35,7 +31,7 @@ def rank_positions(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def topk_mask(values: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
     """Boolean [B, N]: the k = max(1, round(ratio * N_b)) largest valid positions of each row."""
     lengths = mask.sum(-1)
-    k = keep_count(lengths, ratio)
+    k = keep_count(ratio, lengths)
     return (rank_positions(values, mask) < k[:, None]) & mask
 
 
@@ -67,4 +63,4 @@ def make_label(rv: torch.Tensor, mask: torch.Tensor | None = None, mask_ratio: f
     return label[0] if single else label
 
 
-__all__ = ["make_label", "topk_mask", "keep_count", "rank_positions"]
+__all__ = ["make_label", "topk_mask", "rank_positions"]

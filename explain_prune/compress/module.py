@@ -5,7 +5,7 @@ Validation metrics (all sum-state torchmetrics, so they reduce correctly under D
 - `val/kl`: mean over samples of Σ_i R*_i (log R*_i − log R̃_i) over the sample's tokens.
 - `val/recall@P` for P in `overlap_ratios` (default 10 / 25 / 50 %): with k = max(1, round(P/100·N_v)),
   |top-k(R̃_v) ∩ top-k(R_v)| / k, averaged over samples.  Top-k of R_v is exactly the keep set of the
-  GAE oracle at retention P % (DESIGN §4: k = max(1, round(r·N_v))) and top-k of R̃_v is f_θ's keep set,
+  GAE oracle at retention P % (docs/design.md §Keep-count rule: k = max(1, round(r·N_v))) and top-k of R̃_v is f_θ's keep set,
   so this one number is both "recall of R_v's top-k" and "keep-set overlap with the GAE oracle at
   retention P %"; it is logged once under this name.  (For P ≤ 50 the top-k of R_v* is the same set.)
 - Baselines, computed on the whole validation set at the first validation epoch and logged/printed

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from explain_prune.core import InputError
+from explain_prune.core.registry import Registry
 from explain_prune.explain.attention import A0_QUERIES
 
 FORMAT = "explain_prune.ftheta/1"
@@ -52,11 +53,11 @@ class FThetaConfig:
     """
 
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    kernel_size: int = 3
-    activation: str = "relu"
-    input_norm: str = "mean"
-    eps: float = 1e-6
-    a0_query: str = "instruction"
+    kernel_size: int = field(default=3, metadata={"minimum": 1})
+    activation: str = field(default="relu", metadata={"choices": tuple(ACTIVATIONS)})
+    input_norm: str = field(default="mean", metadata={"choices": INPUT_NORMS})
+    eps: float = field(default=1e-6, metadata={"minimum": 0.0})
+    a0_query: str = field(default="instruction", metadata={"choices": A0_QUERIES})
 
     def __post_init__(self) -> None:
         self.channels = [int(c) for c in self.channels]
@@ -120,8 +121,14 @@ class SeparableBlock(nn.Module):
         return self.act(x) * maskf
 
 
+COMPRESSORS: Registry = Registry("compressor")  # @COMPRESSORS.register(name); settings: its config_class
+
+
+@COMPRESSORS.register("ftheta")
 class FTheta(nn.Module):
     """f_θ: forward(a0 [B, N], mask [B, N] bool) -> R̃_v [B, N] (rows sum to 1 over valid tokens)."""
+
+    config_class = FThetaConfig
 
     def __init__(self, config: FThetaConfig | Mapping[str, Any] | None = None):
         super().__init__()

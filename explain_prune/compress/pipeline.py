@@ -26,7 +26,7 @@ from explain_prune.data.cache import CacheReader
 if TYPE_CHECKING:  # pragma: no cover
     import lightning as L
 
-    from explain_prune.data.datamodule import RelevanceDataModule
+    from explain_prune.compress.datamodule import RelevanceDataModule
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _number(cfg: DictConfig, key: str, positive: bool = True) -> float:
 def build_datamodule(
     cfg: DictConfig, caches: Sequence[Any], eval_caches: Sequence[Any] | None = None
 ) -> "RelevanceDataModule":
-    from explain_prune.data.datamodule import RelevanceDataModule
+    from explain_prune.compress.datamodule import RelevanceDataModule
 
     return RelevanceDataModule(
         cache_dirs=list(caches),

@@ -1,4 +1,4 @@
-"""The relevance cache (DESIGN §4): per (model, data, modality) a directory of
+"""The relevance cache (docs/design.md §Relevance cache): per (model, data, modality) a directory of
 
     meta.json                              model name/id, data name/source, modality, config hash, versions
     part000of001-00000.safetensors         a shard: flat float32 `a0`, `rv` (samples concatenated) and
@@ -450,6 +450,55 @@ def _load_shard(path: Path, entries: Sequence[Mapping[str, Any]]) -> dict[str, t
     return tensors
 
 
+def _new_entries_by_shard(
+    directory: Path, data: str, seen: dict[str, Path]
+) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """The index entries of `directory` whose `<data>/<id>` is not in `seen` (which they join),
+    grouped by shard name, and how many were skipped: a SLURM part rerun may index a sample twice."""
+    entries: list[dict[str, Any]] = []
+    for index_path in _index_files(directory):
+        entries.extend(_read_index(index_path)[0])
+    by_shard: dict[str, list[dict[str, Any]]] = {}
+    duplicates = 0
+    for e in entries:
+        key = f"{data}/{e['id']}"
+        if key in seen:
+            duplicates += 1
+            continue
+        seen[key] = directory
+        by_shard.setdefault(e["shard"], []).append(e)
+    return by_shard, duplicates
+
+
+def _shard_samples(
+    shard_path: Path, entries: Sequence[Mapping[str, Any]], data: str, check_finite: bool
+) -> list[CachedSample]:
+    """One verified shard cut into its samples' a0/rv vectors [length] (views of the shard's flat
+    tensors); a NaN/inf vector is an InputError naming the sample, as it would poison training."""
+    tensors = _load_shard(shard_path, entries)
+    samples = []
+    for e in entries:
+        off, length = int(e["offset"]), int(e["length"])
+        a0 = tensors["a0"][off : off + length]
+        rv = tensors["rv"][off : off + length]
+        if check_finite:
+            _check_vector("a0", a0, str(e["id"]), shard_path)
+            _check_vector("rv", rv, str(e["id"]), shard_path)
+        grid = e.get("grid")
+        samples.append(
+            CachedSample(
+                id=str(e["id"]),
+                data=data,
+                a0=a0,
+                rv=rv,
+                grid=None if grid is None else (int(grid[0]), int(grid[1]), int(grid[2])),
+                correct=e.get("correct"),
+                answer=e.get("answer"),
+            )
+        )
+    return samples
+
+
 class CacheReader:
     """Merged, verified view of one or more cache directories.
 
@@ -472,60 +521,35 @@ class CacheReader:
             raise InputError("no cache directory given")
         self.metas: list[dict[str, Any]] = []
         self.samples: list[CachedSample] = []
-        seen: dict[str, Path] = {}
+        seen: dict[str, Path] = {}  # "<data>/<id>" -> the directory it was first read from
         duplicates = 0
-        for directory in self.dirs:
-            meta = read_meta(directory)
-            check_meta(meta, expect_meta, directory)
-            if self.metas:
-                for key in ("model", "modality"):
-                    if meta.get(key) != self.metas[0].get(key):
-                        raise InputError(
-                            f"cache {directory}: {key}={meta.get(key)!r} differs from {self.dirs[0]} "
-                            f"({key}={self.metas[0].get(key)!r})"
-                        )
-            self.metas.append(meta)
-            entries: list[dict[str, Any]] = []
-            for index_path in _index_files(directory):
-                entries.extend(_read_index(index_path)[0])
-            by_shard: dict[str, list[dict[str, Any]]] = {}
-            for e in entries:
-                key = f"{meta['data']}/{e['id']}"
-                if key in seen:
-                    duplicates += 1
-                    continue
-                seen[key] = directory
-                by_shard.setdefault(e["shard"], []).append(e)
+        for directory in self.dirs:  # one directory at a time, so the first bad one is the one named
+            meta = self._add_meta(directory, expect_meta)
+            by_shard, skipped = _new_entries_by_shard(directory, str(meta["data"]), seen)
+            duplicates += skipped
             for shard_name in sorted(by_shard):
-                group = by_shard[shard_name]
-                shard_path = directory / shard_name
-                tensors = _load_shard(shard_path, group)
-                for e in group:
-                    off, length = int(e["offset"]), int(e["length"])
-                    a0 = tensors["a0"][off : off + length]
-                    rv = tensors["rv"][off : off + length]
-                    if check_finite:
-                        _check_vector("a0", a0, str(e["id"]), shard_path)
-                        _check_vector("rv", rv, str(e["id"]), shard_path)
-                    grid = e.get("grid")
-                    self.samples.append(
-                        CachedSample(
-                            id=str(e["id"]),
-                            data=str(meta["data"]),
-                            a0=a0,
-                            rv=rv,
-                            grid=None if grid is None else (int(grid[0]), int(grid[1]), int(grid[2])),
-                            correct=e.get("correct"),
-                            answer=e.get("answer"),
-                        )
-                    )
+                self.samples += _shard_samples(directory / shard_name, by_shard[shard_name], str(meta["data"]), check_finite)
         if duplicates:
             log.warning("%d duplicate sample ids across cache parts ignored (first kept)", duplicates)
         if not self.samples:
-            where = ", ".join(str(d) for d in self.dirs)
-            raise InputError(f"cache is empty (no indexed samples): {where}")
+            raise InputError(f"cache is empty (no indexed samples): {self}")
         # a stable order independent of the shard layout
         self.samples.sort(key=lambda s: (s.data, s.id))
+
+    def _add_meta(self, directory: Path, expect_meta: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Read and check `directory`'s meta.json; parts of one cache must share model and modality,
+        as their vectors are merged into one training set."""
+        meta = read_meta(directory)
+        check_meta(meta, expect_meta, directory)
+        if self.metas:
+            for key in ("model", "modality"):
+                if meta.get(key) != self.metas[0].get(key):
+                    raise InputError(
+                        f"cache {directory}: {key}={meta.get(key)!r} differs from {self.dirs[0]} "
+                        f"({key}={self.metas[0].get(key)!r})"
+                    )
+        self.metas.append(meta)
+        return meta
 
     @property
     def meta(self) -> dict[str, Any]:

@@ -178,36 +178,55 @@ def _renumber(state: _Batch) -> None:
     state.positions = torch.where(state.live, state.live.long().cumsum(1) - 1, torch.zeros_like(state.positions))
 
 
-@torch.no_grad()
-def run(
-    vlm: VLM,
-    prompts: Sequence[VisualPrompt],
-    plans: Sequence[PrunePlan],
-    max_new_tokens: int,
-    mode: str = "remove",
-    return_logits: bool = False,
-) -> list[Generation]:
-    if mode not in ("remove", "mask"):
-        raise ValueError(f"mode must be 'remove' or 'mask', not {mode!r}")
-    decoder = vlm.decoder
-    layers, num_layers = decoder.layers, decoder.num_layers
+def _sync(vlm: VLM) -> None:
+    """Wait for queued CUDA kernels, so a wall-clock reading covers the work it times."""
+    if vlm.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _selector_layers(plans: Sequence[PrunePlan], num_layers: int) -> set[int]:
+    """The layers where the batch prunes: one shared set, as samples are re-packed together there."""
     selector_layers = set(plans[0].selectors)
     for plan in plans:
         plan.validate(num_layers)
         if set(plan.selectors) != selector_layers or plan.renumber_positions != plans[0].renumber_positions:
             raise ValueError("every sample of a batch must prune at the same layers")
-    eos = set(vlm.eos_token_ids)
-    is_cuda = vlm.device.type == "cuda"
+    return selector_layers
 
+
+@dataclass
+class _Prefill:
+    """The batch after the prompt's pass through every layer: what decoding continues from."""
+
+    state: _Batch  # the last layer's output, live / positions as its input had them
+    cache: KVCache  # layer i holds [B, heads, K_i, head_dim]
+    key_live: list[torch.Tensor]  # per layer: [B, K_i] bool, the cached keys later queries may attend to
+    kept_per_layer: torch.Tensor  # [B, num_layers] long (CPU): live visual tokens entering each layer
+    logits: torch.Tensor  # [B, L, V] with return_logits, else [B, 1, V] (the last position only)
+    seconds: float
+
+
+def _prefill(
+    vlm: VLM,
+    prompts: Sequence[VisualPrompt],
+    plans: Sequence[PrunePlan],
+    selector_layers: set[int],
+    mode: str,
+    return_logits: bool,
+) -> _Prefill:
+    """Run the prompts through the layers, applying each selector before its layer: "remove" re-packs
+    the batch to the kept tokens, "mask" only marks the rest dead as keys.  Timed with selection,
+    as the methods' selection cost is part of what they are compared on."""
+    decoder = vlm.decoder
     start = time.perf_counter()
     state = _collate(prompts)
-    batch = state.hidden.shape[0]
-    cache = KVCache(num_layers)
-    key_live: list[torch.Tensor] = []  # per layer: [B, K] keys that later queries may attend to
-    kept_per_layer = torch.zeros(batch, num_layers, dtype=torch.long)
-    previous_hidden = None
-    for i, layer in enumerate(layers):
+    cache = KVCache(decoder.num_layers)
+    key_live: list[torch.Tensor] = []
+    kept_per_layer = torch.zeros(state.hidden.shape[0], decoder.num_layers, dtype=torch.long)
+    previous_hidden = None  # [B, L, d]: the previous layer's input (TokenView.previous_hidden)
+    for i, layer in enumerate(decoder.layers):
         if i in selector_layers:
+            # TokenView.previous_hidden: withheld when the previous layer also selected
             keep = _select(i, state, plans, prompts, vlm, None if (i - 1) in selector_layers else previous_hidden)
             if mode == "remove":
                 state = state.gather(*_left_packed(keep))
@@ -222,28 +241,40 @@ def run(
         state.hidden = layer(state.hidden, attention_mask=mask, position_embeddings=cos_sin, past_key_values=cache, use_cache=True)
         key_live.append(state.live.clone())
     last_hidden = decoder.norm(state.hidden)
-    prefill_logits = _logits(decoder.lm_head(last_hidden if return_logits else last_hidden[:, -1:]))
-    next_logits = prefill_logits[:, -1]
-    if is_cuda:
-        torch.cuda.synchronize()
-    prefill_seconds = time.perf_counter() - start
+    logits = _logits(decoder.lm_head(last_hidden if return_logits else last_hidden[:, -1:]))
+    _sync(vlm)
+    return _Prefill(state, cache, key_live, kept_per_layer, logits, time.perf_counter() - start)
 
-    kv_bytes = torch.zeros(batch, dtype=torch.long)
-    for i in range(num_layers):
-        per_token = 2 * cache.keys[i].shape[1] * cache.keys[i].shape[-1] * cache.keys[i].element_size()
-        kv_bytes += key_live[i].sum(1).cpu() * per_token
 
+def _kv_bytes(prefill: _Prefill) -> torch.Tensor:
+    """[B] long: each sample's K+V bytes after prefill, counting only its live keys (padding and, in
+    "mask" mode, dropped tokens are held but would not be in a per-sample cache)."""
+    kv_bytes = torch.zeros(prefill.kept_per_layer.shape[0], dtype=torch.long)
+    for keys, live in zip(prefill.cache.keys, prefill.key_live):
+        per_token = 2 * keys.shape[1] * keys.shape[-1] * keys.element_size()
+        kv_bytes += live.sum(1).cpu() * per_token
+    return kv_bytes
+
+
+def _decode(vlm: VLM, prefill: _Prefill, max_new_tokens: int) -> tuple[list[list[int]], list[torch.Tensor], float]:
+    """Greedy decoding from the prefill: per sample its new tokens (eos excluded), the [B, V] logits of
+    each step, and the wall time.  Text positions continue after each sample's largest live position,
+    as HF's generate does for the unpruned prompt; prefill.key_live grows by one key per step."""
+    decoder, state, key_live = vlm.decoder, prefill.state, prefill.key_live
+    batch = state.hidden.shape[0]
+    eos = set(vlm.eos_token_ids)
     start = time.perf_counter()
     live_positions = state.positions.masked_fill(~state.live, -1) if state.positions.dim() == 2 else (
         state.positions.masked_fill(~state.live[None], -1).amax(0)
     )
     next_position = live_positions.amax(1) + 1  # [B]: text continues after the largest live position
-    generated = [[] for _ in range(batch)]
+    next_logits = prefill.logits[:, -1]  # [B, V]
+    generated: list[list[int]] = [[] for _ in range(batch)]
     step_logits: list[torch.Tensor] = []
     finished = torch.zeros(batch, dtype=torch.bool)
     for step in range(max_new_tokens):
         step_logits.append(next_logits)
-        token = next_logits.argmax(-1)
+        token = next_logits.argmax(-1)  # [B]
         for b in range(batch):
             if not finished[b]:
                 if int(token[b]) in eos:
@@ -252,34 +283,64 @@ def run(
                     generated[b].append(int(token[b]))
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        hidden = decoder.embed_tokens(token.to(vlm.device))[:, None]
-        pos = (next_position + step)[:, None]
+        hidden = decoder.embed_tokens(token.to(vlm.device))[:, None]  # [B, 1, d]
+        pos = (next_position + step)[:, None]  # [B, 1]
         if state.positions.dim() == 3:
-            pos = pos[None].expand(3, -1, -1)
+            pos = pos[None].expand(3, -1, -1)  # [3, B, 1]: M-RoPE's text positions are equal on all axes
         cos_sin = decoder.rotary_emb(hidden, pos)
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(decoder.layers):
             key_live[i] = torch.cat([key_live[i], torch.ones(batch, 1, dtype=torch.bool, device=hidden.device)], 1)
             mask = _additive_mask(key_live[i], 1, hidden.dtype)
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, past_key_values=cache, use_cache=True)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, past_key_values=prefill.cache, use_cache=True)
         next_logits = _logits(decoder.lm_head(decoder.norm(hidden))[:, -1])
-    if is_cuda:
-        torch.cuda.synchronize()
-    decode_seconds = time.perf_counter() - start
+    _sync(vlm)
+    return generated, step_logits, time.perf_counter() - start
 
-    results = []
-    for b, prompt in enumerate(prompts):
-        results.append(
-            Generation(
-                tokens=generated[b],
-                text=vlm.decode(generated[b]),
-                num_visual=prompt.num_visual,
-                kept_per_layer=kept_per_layer[b].tolist(),
-                prefill_seconds=prefill_seconds,
-                decode_seconds=decode_seconds,
-                kv_cache_bytes=int(kv_bytes[b]),
-                prefill_logits=prefill_logits[b][state.live[b]].cpu() if return_logits else None,
-                step_logits=torch.stack([s[b] for s in step_logits]).cpu() if return_logits else None,
-                info=dict(plans[b].info),  # the method's record: kept tokens and ranking scores per layer
-            )
+
+def _pack(
+    vlm: VLM,
+    prompts: Sequence[VisualPrompt],
+    plans: Sequence[PrunePlan],
+    prefill: _Prefill,
+    kv_bytes: torch.Tensor,
+    decoded: tuple[list[list[int]], list[torch.Tensor], float],
+    return_logits: bool,
+) -> list[Generation]:
+    """Split the batch into one Generation per sample; logits move to the CPU only when asked for,
+    and prefill logits keep only the sample's live positions ([n_live, V])."""
+    generated, step_logits, decode_seconds = decoded
+    live = prefill.state.live
+    return [
+        Generation(
+            tokens=generated[b],
+            text=vlm.decode(generated[b]),
+            num_visual=prompt.num_visual,
+            kept_per_layer=prefill.kept_per_layer[b].tolist(),
+            prefill_seconds=prefill.seconds,
+            decode_seconds=decode_seconds,
+            kv_cache_bytes=int(kv_bytes[b]),
+            prefill_logits=prefill.logits[b][live[b]].cpu() if return_logits else None,
+            step_logits=torch.stack([s[b] for s in step_logits]).cpu() if return_logits else None,
+            info=dict(plans[b].info),  # the method's record: kept tokens and ranking scores per layer
         )
-    return results
+        for b, prompt in enumerate(prompts)
+    ]
+
+
+@torch.no_grad()
+def run(
+    vlm: VLM,
+    prompts: Sequence[VisualPrompt],
+    plans: Sequence[PrunePlan],
+    max_new_tokens: int,
+    mode: str = "remove",
+    return_logits: bool = False,
+) -> list[Generation]:
+    """Prefill with pruning, then greedy decoding, for one left-padded batch (one plan per prompt)."""
+    if mode not in ("remove", "mask"):
+        raise ValueError(f"mode must be 'remove' or 'mask', not {mode!r}")
+    selector_layers = _selector_layers(plans, vlm.decoder.num_layers)
+    prefill = _prefill(vlm, prompts, plans, selector_layers, mode, return_logits)
+    kv_bytes = _kv_bytes(prefill)  # before decoding appends to key_live
+    decoded = _decode(vlm, prefill, max_new_tokens)
+    return _pack(vlm, prompts, plans, prefill, kv_bytes, decoded, return_logits)

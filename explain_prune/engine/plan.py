@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from explain_prune.core.retention import keep_count
 from explain_prune.engine.attention import attention_rows, query_key_states
 from explain_prune.models.base import DecoderParts, VisualPrompt
 
@@ -67,9 +68,9 @@ class TokenView:
         return keys
 
     def budget(self, ratio: float) -> int:
-        """Visual tokens to keep at `ratio` of the input count: max(1, round(r * N_v)), capped at
+        """Visual tokens to keep at `ratio` of the input count: `core.retention.keep_count`, capped at
         what is still alive."""
-        return min(max(1, round(ratio * self.num_visual_input)), int(self.visual_index.numel()))
+        return min(keep_count(ratio, self.num_visual_input), int(self.visual_index.numel()))
 
     def keep_top(self, scores: torch.Tensor, k: int) -> torch.Tensor:
         """Positions (into the view) of the k highest-scoring live visual tokens, ascending.
@@ -86,7 +87,7 @@ class Selector(Protocol):
 @dataclass
 class PrunePlan:
     """{layer index -> selector}; `renumber_positions` compacts positions after a drop (PDrop's
-    original behaviour) instead of keeping the original ones (the default, DESIGN §4)."""
+    original behaviour) instead of keeping the original ones (the default, docs/design.md §Positions kept)."""
 
     selectors: dict[int, Callable[[TokenView], torch.Tensor]] = field(default_factory=dict)
     renumber_positions: bool = False

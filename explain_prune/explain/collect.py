@@ -17,10 +17,11 @@ from typing import Any, Iterable
 from tqdm import tqdm
 
 from explain_prune.core import InputError, Sample, SampleError
+from explain_prune.core.schema import check_dataclass
 from explain_prune.data.cache import CacheWriter
 from explain_prune.engine import generate
 from explain_prune.explain.attention import A0_QUERIES, first_layer_attention
-from explain_prune.explain.relevance import relevance
+from explain_prune.explain.relevance import HEAD_REDUCTIONS, relevance
 from explain_prune.models.base import VLM
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,14 @@ def in_shard(sample_id: str, shard_id: int, num_shards: int) -> bool:
 
 @dataclass
 class RelevanceSettings:
-    head_reduce: str = "grad"
+    """conf/relevance/*.yaml: the settings that determine a cached R_v (part of the cache's config hash)."""
+
+    head_reduce: str = field(default="grad", metadata={"choices": HEAD_REDUCTIONS})
     clamp: bool = True
     include_eos: bool = False  # count the end-of-turn token as an answer token
-    max_new_tokens: int = 32
-    batch_tokens: int = 1  # answer tokens per backward pass (see scripts/bench_relevance.py)
-    a0_query: str = "instruction"  # A_v^0's query rows: instruction (paper) | last (ablation)
-
-    def __post_init__(self) -> None:
-        if self.a0_query not in A0_QUERIES:
-            raise InputError(f"relevance.a0_query {self.a0_query!r} unknown (known: {', '.join(A0_QUERIES)})")
+    max_new_tokens: int = field(default=32, metadata={"minimum": 1})
+    batch_tokens: int = field(default=1, metadata={"minimum": 1})  # answer tokens per backward pass (scripts/bench_relevance.py)
+    a0_query: str = field(default="instruction", metadata={"choices": A0_QUERIES})  # instruction (paper) | last (ablation)
 
 
 @dataclass
@@ -150,7 +149,7 @@ def build_cache(cfg: Any) -> Summary:
     from explain_prune.data.sources import build_source
     from explain_prune.models import build_vlm
 
-    settings = RelevanceSettings(**OmegaConf.to_container(cfg.relevance, resolve=True))
+    settings = check_dataclass(RelevanceSettings, "relevance", OmegaConf.to_container(cfg.relevance, resolve=True))
     vlm = build_vlm(cfg.model, modality=cfg.modality)
     source = build_source(cfg.data)
     determinants = {

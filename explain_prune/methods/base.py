@@ -14,35 +14,19 @@ Every selector a method registers goes through `tracked`, which records in `plan
 from __future__ import annotations
 
 import abc
-import math
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
 from explain_prune.core import InputError
+from explain_prune.core.registry import Registry
+from explain_prune.core.retention import check_retention, keep_count
 from explain_prune.engine.plan import PrunePlan, TokenView
 from explain_prune.models.base import VLM, VisualPrompt
 
 SelectFn = Callable[[TokenView], "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"]
 
 
-def check_retention(retention: Any) -> float:
-    """A retention ratio in (0, 1], else InputError."""
-    try:
-        value = float(retention)
-    except (TypeError, ValueError):
-        raise InputError(f"retention must be a number in (0, 1], got {retention!r}") from None
-    if not (0.0 < value <= 1.0) or math.isnan(value):
-        raise InputError(f"retention must be in (0, 1], got {retention!r}")
-    return value
-
-
-def keep_count(ratio: float, n_visual: int) -> int:
-    """DESIGN §4: k = max(1, round(r * N_v)), never more than N_v (same rule as TokenView.budget)."""
-    n_visual = int(n_visual)
-    if n_visual <= 0:
-        return 0
-    return min(max(1, round(float(ratio) * n_visual)), n_visual)
 
 
 def tracked(plan: PrunePlan, layer: int, select: SelectFn) -> Callable[[TokenView], torch.Tensor]:
@@ -81,6 +65,9 @@ def tracked(plan: PrunePlan, layer: int, select: SelectFn) -> Callable[[TokenVie
     return selector
 
 
+METHODS: Registry = Registry("method")  # every Method subclass registers itself: @METHODS.register(name)
+
+
 class Method(abc.ABC):
     """A visual-token pruning method: retention ratio + options -> a `PrunePlan` per sample.
 
@@ -94,13 +81,13 @@ class Method(abc.ABC):
 
     def __init__(self, retention: float = 1.0, **options: Any):
         self.retention = check_retention(retention)
-        unknown = sorted(set(options) - set(self.defaults))
-        if unknown:
-            known = ", ".join(sorted(self.defaults)) or "none"
-            raise InputError(f"method {self.name!r}: unknown option(s) {', '.join(unknown)} (known: {known})")
+        METHODS.check(self.name, options, "method.options")
         self.options: dict[str, Any] = {**self.defaults, **options}
 
     # --- what every method implements -------------------------------------------------------
+    def check_runnable(self) -> None:
+        """InputError when the method, as configured, cannot prune (evaluate asks before any model loads)."""
+
     def transform(self, vlm: VLM, prompt: VisualPrompt) -> VisualPrompt:
         """The prompt the engine runs; identity except for methods that rewrite the visual tokens
         before the LLM (VisionZip merges contextual tokens)."""

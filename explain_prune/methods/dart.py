@@ -37,12 +37,12 @@ import torch.nn.functional as F
 
 from explain_prune.core import InputError
 from explain_prune.engine.plan import PrunePlan, TokenView
-from explain_prune.methods.base import Method, tracked
+from explain_prune.methods.base import METHODS, Method, tracked
 from explain_prune.models.base import VLM, VisualPrompt
 
 
+@METHODS.register("dart")
 class DART(Method):
-    name = "dart"
     defaults = {"layer": 2, "pivot_image": 4, "pivot_text": 4}
 
     def __init__(self, retention: float = 1.0, **options: Any):

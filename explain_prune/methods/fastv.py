@@ -5,7 +5,7 @@ head-averaged attention they received in the map layer K-1 actually computed, an
 k = round(r * N_v) from layer K on.  The map row is recomputed here from layer K-1's own q/k on the
 hidden states entering it, so the model runs with sdpa everywhere (no eager layer needed).
 
-query = "last": the last prompt token's row, as the official code does (`[0][-1]`, issue #14).
+query = "last": the last prompt token's row, as the official code does (`[0][-1]`, pkunlp-icler/FastV issue #14).
 query = "mean": the mean over all query rows, EffiVLM-Bench's default port (`origin=False`).
 Positions keep their original (gapped) values, as in the official code.
 """
@@ -18,20 +18,19 @@ import torch
 
 from explain_prune.core import InputError
 from explain_prune.engine.plan import PrunePlan, TokenView
-from explain_prune.methods.base import Method, tracked
+from explain_prune.methods.base import METHODS, Method, tracked
 from explain_prune.models.base import VLM, VisualPrompt
 
 QUERIES = ("last", "mean")
 
 
+@METHODS.register("fastv")
 class FastV(Method):
-    name = "fastv"
     defaults = {"layer": 2, "query": "last"}
+    choices = {"query": QUERIES}
 
     def __init__(self, retention: float = 1.0, **options: Any):
         super().__init__(retention, **options)
-        if self.options["query"] not in QUERIES:
-            raise InputError(f"fastv: query must be one of {', '.join(QUERIES)}, got {self.options['query']!r}")
         self.layer = int(self.options["layer"])
         if self.layer < 1:
             raise InputError(f"fastv: layer must be >= 1 (it ranks with layer K-1's attention), got {self.layer}")

@@ -17,20 +17,17 @@ from explain_prune.core import InputError
 from explain_prune.engine import generate
 from explain_prune.engine.plan import PrunePlan, TokenView
 from explain_prune.explain import relevance
-from explain_prune.methods.base import Method, tracked
+from explain_prune.explain.relevance import HEAD_REDUCTIONS
+from explain_prune.methods.base import METHODS, Method, tracked
 from explain_prune.models.base import VLM, VisualPrompt
 
-HEAD_REDUCTIONS = ("grad", "mean")
-
-
+@METHODS.register("gae")
 class GAE(Method):
-    name = "gae"
     defaults = {"max_new_tokens": 32, "head_reduce": "grad", "clamp": True}
+    choices = {"head_reduce": HEAD_REDUCTIONS}
 
     def __init__(self, retention: float = 1.0, **options: Any):
         super().__init__(retention, **options)
-        if self.options["head_reduce"] not in HEAD_REDUCTIONS:
-            raise InputError(f"gae: head_reduce must be one of {', '.join(HEAD_REDUCTIONS)}, got {self.options['head_reduce']!r}")
         if int(self.options["max_new_tokens"]) < 1:
             raise InputError(f"gae: max_new_tokens must be >= 1, got {self.options['max_new_tokens']}")
 

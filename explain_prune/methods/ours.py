@@ -19,17 +19,17 @@ from explain_prune.compress.network import FTheta, load_compressor
 from explain_prune.core import InputError
 from explain_prune.engine.plan import PrunePlan, TokenView
 from explain_prune.explain import first_layer_attention
-from explain_prune.flops import (
+from explain_prune.engine.flops import (
     PAPER_COMPRESSOR_CHANNELS,
     compressor_flops,
     first_layer_attention_flops,
 )
-from explain_prune.methods.base import Method, tracked
+from explain_prune.methods.base import METHODS, Method, tracked
 from explain_prune.models.base import VLM, VisualPrompt
 
 
+@METHODS.register("ours")
 class Ours(Method):
-    name = "ours"
     defaults = {"checkpoint": None}
 
     def __init__(self, retention: float = 1.0, **options: Any):
@@ -39,6 +39,9 @@ class Ours(Method):
         if checkpoint not in (None, ""):
             path = Path(str(checkpoint))
             self.compressor = load_compressor(path)  # InputError if missing or not a compatible f_θ file
+
+    def check_runnable(self) -> None:
+        self._require_compressor()
 
     def _require_compressor(self) -> FTheta:
         if self.compressor is None:

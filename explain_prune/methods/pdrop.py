@@ -22,7 +22,7 @@ Schedule derivation (`schedule(num_layers)`):
   * both given -> used as is; the resulting r̄ must be within 0.01 of the target.
 
 Deviation from the official code: stage counts use the project rule max(1, round(λ^s N_v))
-(DESIGN §4) instead of int(N_v λ^s).  `renumber_positions: true` reproduces PDrop's original
+(docs/design.md §Keep-count rule) instead of int(N_v λ^s).  `renumber_positions: true` reproduces PDrop's original
 contiguous position renumbering after each drop (1-D RoPE only; Qwen2-VL's M-RoPE keeps
 positions); the default keeps original positions like every other method here.
 """
@@ -37,7 +37,7 @@ import torch
 
 from explain_prune.core import InputError
 from explain_prune.engine.plan import PrunePlan, TokenView
-from explain_prune.methods.base import Method, keep_count, tracked
+from explain_prune.methods.base import METHODS, Method, keep_count, tracked
 from explain_prune.models.base import VLM, VisualPrompt
 
 TOLERANCE = 0.01  # allowed |r̄ - target| when both layers and λ are fixed, or for searched layers
@@ -121,8 +121,8 @@ class Schedule:
         return out
 
 
+@METHODS.register("pdrop")
 class PDrop(Method):
-    name = "pdrop"
     defaults = {"layers": None, "lam": None, "first_layer": 2, "num_stages": 3, "renumber_positions": False}
 
     def __init__(self, retention: float = 1.0, **options: Any):

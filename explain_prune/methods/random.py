@@ -11,7 +11,7 @@ import hashlib
 import torch
 
 from explain_prune.engine.plan import PrunePlan, TokenView
-from explain_prune.methods.base import Method, tracked
+from explain_prune.methods.base import METHODS, Method, tracked
 from explain_prune.models.base import VLM, VisualPrompt
 
 
@@ -21,8 +21,8 @@ def sample_seed(seed: int, sample_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+@METHODS.register("random")
 class RandomKeep(Method):
-    name = "random"
     defaults = {"seed": 0}
 
     def plan(self, vlm: VLM, prompt: VisualPrompt) -> PrunePlan:

@@ -6,12 +6,12 @@ from typing import Any
 
 from explain_prune.core import InputError
 from explain_prune.engine.plan import PrunePlan
-from explain_prune.methods.base import Method
+from explain_prune.methods.base import METHODS, Method
 from explain_prune.models.base import VLM, VisualPrompt
 
 
+@METHODS.register("vanilla")
 class Vanilla(Method):
-    name = "vanilla"
     defaults: dict[str, Any] = {}
 
     def __init__(self, retention: float = 1.0, **options: Any):

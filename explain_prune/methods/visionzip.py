@@ -9,7 +9,7 @@ Text-agnostic, before the LLM.  Of the k = round(r * N_v) visual tokens that ent
 
 The vision encoders of Qwen2-VL and LLaVA-OV / VILA (SigLIP) have no [CLS] token, so the
 "[CLS] -> patch attention" score is replaced by the substitute the Qwen2-VL ports use
-(EffiVLM-Bench `qwen2vl_vision_tower_forward_visionzip`, LightCompress, VisPruner #1): the mean
+(EffiVLM-Bench `qwen2vl_vision_tower_forward_visionzip`, LightCompress, Theia-4869/VisPruner issue #1): the mean
 attention each patch *receives* (over heads and all query patches of its image / tile / frame) at
 vision block `vision_layer` (default -2, as VisionZip and EffiVLM), pooled onto the LLM tokens the
 way each family's projector pools the features (models/vision_attention.py; the adapters'
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from explain_prune.core import InputError
 from explain_prune.engine.plan import PrunePlan
-from explain_prune.methods.base import Method, keep_count
+from explain_prune.methods.base import METHODS, Method, keep_count
 from explain_prune.models.base import VLM, VisualPrompt
 
 META_KEY = "visionzip"
@@ -103,8 +103,8 @@ def zip_tokens(
     return kept, new[kept], targets
 
 
+@METHODS.register("visionzip")
 class VisionZip(Method):
-    name = "visionzip"
     defaults = {"contextual_share": 10 / 64, "vision_layer": -2}
 
     def __init__(self, retention: float = 1.0, **options: Any):

@@ -22,23 +22,18 @@ from torch import nn
 from explain_prune.core import InputError, Sample, load_image
 from explain_prune.data.video import read_sample_frames
 
-_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise InputError(f"unknown dtype {name!r} (known: {', '.join(_DTYPES)})")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})")
+    return DTYPES[name]
 
 
-
-def load_frames(sample: "Sample", num_frames: int, default_rule: str) -> list[Image.Image]:
+def load_frames(sample: Sample, num_frames: int, default_rule: str) -> list[Image.Image]:
     """The RGB frames of a video sample: its list of images / paths as given, or `num_frames` decoded
     from its file by the sample's rule and clip bounds (`data.video.read_sample_frames`)."""
-    from explain_prune.data.video import (
-        read_sample_frames,  # data.video imports this module
-    )
-
     frames = sample.video
     if not isinstance(frames, list):
         frames = read_sample_frames(frames, num_frames, sample.meta, default_rule)
@@ -53,7 +48,6 @@ def checkpoint_path(cfg: Any) -> str:
     if path.startswith((".", "/")) and not Path(path).is_dir():
         raise InputError(f"model {cfg.get('name')}: checkpoint directory not found: {path}")
     return path
-
 
 
 @dataclass
@@ -142,12 +136,15 @@ class DecoderParts:
 class VLM(nn.Module, abc.ABC):
     """A multimodal LLM adapter: one subclass per model family.
 
-    Subclasses set `self.model` (the underlying transformers model), `self.tokenizer`, and
-    implement `prepare` and `decoder`.  `generate_reference` runs the library's own
+    Subclasses set `self.model` (the underlying transformers model), `self.tokenizer`, the video
+    frame budget (`num_frames`, `frame_sampling`), and implement `prepare` (opening with the shared
+    `_read_sample`) and `decoder`.  `generate_reference` runs the library's own
     `generate` on the same prompt, which the tests use as the ground truth for the engine.
     """
 
     family: str = "base"
+    num_frames: int  # frames decoded from a video file (set by each family)
+    frame_sampling: str  # the frame rule when the sample names none (data.video.read_sample_frames)
 
     def __init__(self, name: str):
         super().__init__()
@@ -156,7 +153,31 @@ class VLM(nn.Module, abc.ABC):
     # --- what every family implements -------------------------------------------------
     @abc.abstractmethod
     def prepare(self, sample: Sample) -> VisualPrompt:
-        ...
+        """The sample as the family's language model sees it."""
+
+    def question_text(self, sample: Sample) -> str:
+        """The family's reading of `sample.question` before the shared checks (default: as given).
+        VILA drops the media tokens typed into the text; LLaVA-OneVision rejects them."""
+        return sample.question or ""
+
+    def _read_sample(self, sample: Sample) -> tuple[str, list[Image.Image]]:
+        """The one validated prologue of every family's `prepare`: (stripped question, the RGB images,
+        or the video's frames when `sample.video` is set).
+
+        One rule for all families, so a bad sample fails the same way whichever model runs it: an
+        empty / whitespace-only question, both images and a video (which one was meant is unknown),
+        or neither is an InputError of one line naming the sample.
+        """
+        question = self.question_text(sample).strip()
+        if not question:
+            raise InputError(f"sample {sample.id!r}: empty question")
+        if sample.video is not None and sample.images:
+            raise InputError(f"sample {sample.id!r}: both images and a video given (one visual input per sample)")
+        if sample.video is not None:
+            return question, load_frames(sample, self.num_frames, self.frame_sampling)
+        if not sample.images:
+            raise InputError(f"sample {sample.id!r}: no image or video (family {self.family!r} needs a visual input)")
+        return question, [load_image(img) for img in sample.images]
 
     @property
     @abc.abstractmethod

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -56,17 +57,20 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 )
 from transformers.utils import cached_file
 
-from explain_prune.core import InputError, Sample, load_image
+from explain_prune.core import InputError, Sample
 from explain_prune.models.base import (
     VLM,
     DecoderParts,
     VisualPrompt,
     checkpoint_path,
     instruction_positions,
-    load_frames,
     torch_dtype,
 )
-from explain_prune.models.tiny import build_tokenizer
+from explain_prune.models.tiny import (
+    build_tokenizer,
+    tiny_lm_kwargs,
+    tiny_siglip_kwargs,
+)
 from explain_prune.models.vision_attention import siglip_token_stats
 
 # chat_template.json of llava-hf/llava-onevision-qwen2-{0.5b,7b,72b}-{si,ov}-hf (no default system
@@ -93,31 +97,15 @@ def tiny_llava_ov_config(tiny: Mapping[str, Any], tokenizer: Any, attn_implement
     """SigLIP (no head) + Qwen2 at toy sizes; the anyres pinpoints are multiples of the tower size."""
     ids = tokenizer.convert_tokens_to_ids
     vision = tiny.get("vision", {})
-    init_range = float(tiny.get("initializer_range", 0.02))
     return LlavaOnevisionConfig(
         text_config=dict(
             model_type="qwen2",
-            vocab_size=len(tokenizer),
-            hidden_size=int(tiny["hidden_size"]),
-            intermediate_size=int(tiny["intermediate_size"]),
-            num_hidden_layers=int(tiny["num_layers"]),
-            num_attention_heads=int(tiny["num_heads"]),
-            num_key_value_heads=int(tiny["num_kv_heads"]),
-            initializer_range=init_range,
+            **tiny_lm_kwargs(tiny, tokenizer),
             bos_token_id=None,
             eos_token_id=ids(EOS_TOKEN),
             pad_token_id=ids("<|endoftext|>"),
         ),
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=int(vision.get("hidden_size", 32)),
-            intermediate_size=int(vision.get("intermediate_size", 64)),
-            num_hidden_layers=int(vision.get("num_layers", 2)),
-            num_attention_heads=int(vision.get("num_heads", 4)),
-            image_size=int(vision.get("image_size", 56)),
-            patch_size=int(vision.get("patch_size", 14)),
-            vision_use_head=False,
-        ),
+        vision_config=dict(model_type="siglip_vision_model", **tiny_siglip_kwargs(vision, image_size=56)),
         image_token_index=ids(IMAGE_TOKEN),
         video_token_index=ids(VIDEO_TOKEN),
         image_grid_pinpoints=[list(map(int, p)) for p in tiny["image_grid_pinpoints"]],
@@ -177,6 +165,24 @@ def checkpoint_video_settings(path: str) -> dict[str, Any]:
     raw = json.loads(Path(js).read_text())
     keys = ("size", "image_mean", "image_std", "resample", "rescale_factor")
     return {k: raw[k] for k in keys if k in raw}
+
+
+@dataclass
+class _VisualInput:
+    """One sample's visual side before the language model (see LlavaOneVision._visual_input)."""
+
+    # pixel_values [1 or n, patches, C, S, S], image_sizes [n, 2], batch_num_images [1];
+    # or pixel_values_videos [1, T, C, S, S]
+    pixels: dict[str, torch.Tensor]
+    segments: list[dict[str, Any]]  # meta["visual_segments"], in prompt order
+    token: str  # IMAGE_TOKEN or VIDEO_TOKEN: the placeholder in the template text
+    token_id: int
+    spans: list[int]  # visual tokens per placeholder (one per image, one for the video)
+    grid: tuple[int, int, int]  # VisualPrompt.visual_grid
+
+    @property
+    def video(self) -> bool:
+        return self.token == VIDEO_TOKEN
 
 
 class LlavaOneVision(VLM):
@@ -350,97 +356,126 @@ class LlavaOneVision(VLM):
         return torch.from_numpy(np.stack(arrays))[None]
 
     # --- the contract -----------------------------------------------------------------------------
-    def prepare(self, sample: Sample) -> VisualPrompt:
-        question = (sample.question or "").strip()
-        if not question:
-            raise InputError(f"sample {sample.id!r}: empty question")
+    def question_text(self, sample: Sample) -> str:
+        """The question as given; a typed <image> / <video> would be expanded as a visual span."""
+        question = sample.question or ""
         for token in (IMAGE_TOKEN, VIDEO_TOKEN):
             if token in question:
                 raise InputError(f"sample {sample.id!r}: question contains the reserved placeholder {token}")
-        if sample.video is not None and sample.images:
-            raise InputError(f"sample {sample.id!r}: both images and a video given (one visual input per sample)")
-        model = self.model.model
-        device = self.device
-        if sample.video is not None:
-            frames = load_frames(sample, self.num_frames, self.frame_sampling)
-            pixels = {"pixel_values_videos": self.video_pixels(frames)}
-            segments = self.video_segments(len(frames))
-            token, token_id = VIDEO_TOKEN, self.video_token_id
-            text = self.prompt_text(QUESTION_SENTINEL, video=True)
-            spans = [sum(self.segment_tokens(s) for s in segments)]
-            grid = (len(frames), self.pooled, self.pooled)
-        elif sample.images:
-            images = [load_image(img) for img in sample.images]
-            pixels = self.image_pixels(images)
-            sizes = [tuple(int(v) for v in hw) for hw in pixels["image_sizes"].tolist()]
-            segments = self.image_segments(sizes)
-            token, token_id = IMAGE_TOKEN, self.image_token_id
-            text = self.prompt_text(QUESTION_SENTINEL, num_images=len(images))
-            spans = [sum(self.segment_tokens(s) for s in segments if s["image"] == i) for i in range(len(images))]
-            crops = [s for s in segments if s["kind"] == "crops"]
-            grid = (1, crops[0]["rows"], crops[0]["cols"]) if crops else (len(images), self.patches, self.patches)
-        else:
-            raise InputError(f"sample {sample.id!r}: no image or video (LLaVA-OneVision needs a visual input)")
+        return question
 
-        # expand each placeholder in the text, as the processor's get_text_with_replacements does
-        pieces = text.split(token)
-        if len(pieces) != len(spans) + 1:
-            raise InputError(
-                f"sample {sample.id!r}: chat template produced {len(pieces) - 1} {token} for {len(spans)} inputs"
-            )
-        expanded = pieces[0] + "".join(token * n + rest for n, rest in zip(spans, pieces[1:]))
-        q_start = expanded.index(QUESTION_SENTINEL)  # where the template put the question
-        q_end = q_start + len(question)
-        expanded = expanded.replace(QUESTION_SENTINEL, question)
-        enc = self.tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids = torch.tensor([enc["input_ids"]], device=device)
-        offsets = enc["offset_mapping"]
-        visual_mask = input_ids[0] == token_id
-        num_visual = int(visual_mask.sum())
-        attention_mask = torch.ones_like(input_ids)
-
-        with torch.no_grad():
-            embeds = self.decoder.embed_tokens(input_ids)
-            if token == VIDEO_TOKEN:
-                out = model.get_video_features(pixels["pixel_values_videos"].to(device=device, dtype=self.dtype))
-                feats = out.pooler_output.flatten(0, 1)
-                feature_lens = [int(feats.shape[0])]
-            else:
-                out = model.get_image_features(
-                    pixels["pixel_values"].to(device=device, dtype=self.dtype),
-                    pixels["image_sizes"].to(device),
-                    batch_num_images=pixels["batch_num_images"].to(device),
-                )
-                feature_lens = [int(f.shape[0]) for f in out.pooler_output]
-                feats = torch.cat(out.pooler_output)
-            if feature_lens != spans or num_visual != sum(spans):
-                raise InputError(
-                    f"sample {sample.id!r}: visual features {feature_lens} do not match placeholders {spans} "
-                    f"(image sizes {pixels.get('image_sizes', torch.empty(0)).tolist()})"
-                )
-            mask = visual_mask.view(1, -1, 1).expand_as(embeds)
-            embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
-        position_ids = torch.arange(input_ids.shape[1], device=device).unsqueeze(0)
-        visual_index = visual_mask.nonzero().squeeze(-1).cpu()
-
-        # the question's tokens, from character offsets: template tokens between the visual span and
-        # the question (the "\n" after <image>) are skipped, the assistant-opening suffix is excluded
-        in_question = [i for i, (a, b) in enumerate(offsets) if b > a and a >= q_start and b <= q_end]
-        if not in_question:
-            raise InputError(f"sample {sample.id!r}: question produced no tokens")
-        skip = in_question[0] - (int(visual_index.max()) + 1)
-        suffix_len = input_ids.shape[1] - (in_question[-1] + 1)
+    def prepare(self, sample: Sample) -> VisualPrompt:
+        """Pixels first (they fix the token counts), then the expanded text, its ids and embeddings."""
+        question, images = self._read_sample(sample)
+        visual = self._visual_input(images, video=sample.video is not None)
+        text, question_chars = self._expanded_text(sample.id, question, visual)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids, offsets = torch.tensor([enc["input_ids"]], device=self.device), enc["offset_mapping"]  # [1, L]
+        visual_mask = input_ids[0] == visual.token_id  # [L]
+        embeds = self._embed(sample.id, input_ids, visual_mask, visual)
+        visual_index = visual_mask.nonzero().squeeze(-1).cpu()  # [N_v]
         return VisualPrompt(
             inputs_embeds=embeds,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
+            position_ids=torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0),
+            attention_mask=torch.ones_like(input_ids),
             input_ids=input_ids,
             visual_index=visual_index,
-            instruction_index=instruction_positions(input_ids, visual_index, suffix_len, skip=skip),
-            visual_grid=grid,
+            instruction_index=self._question_index(sample.id, input_ids, visual_index, offsets, question_chars),
+            visual_grid=visual.grid,
             sample_id=sample.id,
-            meta={**pixels, "visual_segments": segments, "modality": sample.modality},
+            meta={**visual.pixels, "visual_segments": visual.segments, "modality": sample.modality},
         )
+
+    def _visual_input(self, images: list[Image.Image], video: bool) -> _VisualInput:
+        """Pixels and token layout of the images or the video frames, computed before any text so
+        the placeholders can be expanded to exactly as many tokens as the model will produce."""
+        if video:
+            segments = self.video_segments(len(images))
+            return _VisualInput(
+                pixels={"pixel_values_videos": self.video_pixels(images)},
+                segments=segments,
+                token=VIDEO_TOKEN,
+                token_id=self.video_token_id,
+                spans=[sum(self.segment_tokens(s) for s in segments)],
+                grid=(len(images), self.pooled, self.pooled),
+            )
+        pixels = self.image_pixels(images)
+        sizes = [tuple(int(v) for v in hw) for hw in pixels["image_sizes"].tolist()]
+        segments = self.image_segments(sizes)
+        crops = [s for s in segments if s["kind"] == "crops"]
+        return _VisualInput(
+            pixels=pixels,
+            segments=segments,
+            token=IMAGE_TOKEN,
+            token_id=self.image_token_id,
+            spans=[sum(self.segment_tokens(s) for s in segments if s["image"] == i) for i in range(len(images))],
+            grid=(1, crops[0]["rows"], crops[0]["cols"]) if crops else (len(images), self.patches, self.patches),
+        )
+
+    def _expanded_text(self, sample_id: str, question: str, visual: _VisualInput) -> tuple[str, tuple[int, int]]:
+        """The prompt text with every placeholder expanded to its span, as the processor's
+        get_text_with_replacements does, and the question's (start, end) characters in it.  The
+        template is rendered around a sentinel so the question is found wherever the template puts it."""
+        num_images = 0 if visual.video else len(visual.spans)
+        template = self.prompt_text(QUESTION_SENTINEL, num_images=num_images, video=visual.video)
+        pieces = template.split(visual.token)
+        if len(pieces) != len(visual.spans) + 1:
+            raise InputError(
+                f"sample {sample_id!r}: chat template produced {len(pieces) - 1} {visual.token} "
+                f"for {len(visual.spans)} inputs"
+            )
+        expanded = pieces[0] + "".join(visual.token * n + rest for n, rest in zip(visual.spans, pieces[1:]))
+        start = expanded.index(QUESTION_SENTINEL)
+        return expanded.replace(QUESTION_SENTINEL, question), (start, start + len(question))
+
+    @torch.no_grad()
+    def _embed(
+        self, sample_id: str, input_ids: torch.Tensor, visual_mask: torch.Tensor, visual: _VisualInput
+    ) -> torch.Tensor:
+        """[1, L, d]: the LM's token embeddings with the projected visual features scattered at the
+        placeholders.  The model's feature counts are checked against the expanded spans, so a
+        processor / model disagreement is a one-line error rather than shifted features."""
+        model, device = self.model.model, self.device
+        embeds = self.decoder.embed_tokens(input_ids)
+        pixels = visual.pixels
+        if visual.video:
+            out = model.get_video_features(pixels["pixel_values_videos"].to(device=device, dtype=self.dtype))
+            feats = out.pooler_output.flatten(0, 1)  # [T * q * q + 1, d]
+            feature_lens = [int(feats.shape[0])]
+        else:
+            out = model.get_image_features(
+                pixels["pixel_values"].to(device=device, dtype=self.dtype),
+                pixels["image_sizes"].to(device),
+                batch_num_images=pixels["batch_num_images"].to(device),
+            )
+            feature_lens = [int(f.shape[0]) for f in out.pooler_output]
+            feats = torch.cat(out.pooler_output)  # [N_v, d]
+        if feature_lens != visual.spans or int(visual_mask.sum()) != sum(visual.spans):
+            raise InputError(
+                f"sample {sample_id!r}: visual features {feature_lens} do not match placeholders {visual.spans} "
+                f"(image sizes {pixels.get('image_sizes', torch.empty(0)).tolist()})"
+            )
+        mask = visual_mask.view(1, -1, 1).expand_as(embeds)
+        return embeds.masked_scatter(mask, feats.to(embeds.dtype))
+
+    @staticmethod
+    def _question_index(
+        sample_id: str,
+        input_ids: torch.Tensor,
+        visual_index: torch.Tensor,
+        offsets: list[tuple[int, int]],
+        question_chars: tuple[int, int],
+    ) -> torch.Tensor:
+        """[N_u] positions of the question's tokens, from character offsets: the template tokens
+        between the visual span and the question (the "\\n" after <image>) depend on the tokenizer,
+        so they are measured, not assumed; the assistant-opening suffix is excluded."""
+        q_start, q_end = question_chars
+        in_question = [i for i, (a, b) in enumerate(offsets) if b > a and a >= q_start and b <= q_end]
+        if not in_question:
+            raise InputError(f"sample {sample_id!r}: question produced no tokens")
+        skip = in_question[0] - (int(visual_index.max()) + 1)
+        suffix_len = input_ids.shape[1] - (in_question[-1] + 1)
+        return instruction_positions(input_ids, visual_index, suffix_len, skip=skip)
 
     @property
     def decoder(self) -> DecoderParts:

@@ -21,17 +21,16 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
 )
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
-from explain_prune.core import InputError, Sample, load_image
+from explain_prune.core import InputError, Sample
 from explain_prune.models.base import (
     VLM,
     DecoderParts,
     VisualPrompt,
     checkpoint_path,
     instruction_positions,
-    load_frames,
     torch_dtype,
 )
-from explain_prune.models.tiny import build_tokenizer
+from explain_prune.models.tiny import build_tokenizer, tiny_lm_kwargs
 from explain_prune.models.vision_attention import (
     capture_call,
     received_attention,
@@ -46,14 +45,8 @@ def tiny_qwen2vl_config(tiny: Mapping[str, Any], tokenizer: Any, attn_implementa
     vision = tiny.get("vision", {})
     return Qwen2VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=tiny["hidden_size"],
-            intermediate_size=tiny["intermediate_size"],
-            num_hidden_layers=tiny["num_layers"],
-            num_attention_heads=tiny["num_heads"],
-            num_key_value_heads=tiny["num_kv_heads"],
+            **tiny_lm_kwargs(tiny, tokenizer),
             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": list(tiny["mrope_section"])},
-            initializer_range=tiny.get("initializer_range", 0.02),
             bos_token_id=None,
             eos_token_id=ids("<|im_end|>"),
             pad_token_id=ids("<|endoftext|>"),
@@ -185,20 +178,16 @@ class Qwen2VL(VLM):
 
     # --- the contract -----------------------------------------------------------------------------
     def prepare(self, sample: Sample) -> VisualPrompt:
-        question = (sample.question or "").strip()
-        if not question:
-            raise InputError(f"sample {sample.id!r}: empty question")
+        question, images = self._read_sample(sample)
         model = self.model.model
         if sample.video is not None:
-            pixels, grid = self.video_pixels(load_frames(sample, self.num_frames, self.frame_sampling))
+            pixels, grid = self.video_pixels(images)
             pad_id, kind = self.video_token_id, 2
             grids = {"video_grid_thw": grid}
-        elif sample.images:
-            pixels, grid = self.image_pixels([load_image(img) for img in sample.images])
+        else:
+            pixels, grid = self.image_pixels(images)
             pad_id, kind = self.image_token_id, 1
             grids = {"image_grid_thw": grid}
-        else:
-            raise InputError(f"sample {sample.id!r}: no image or video (Qwen2-VL needs a visual input)")
 
         pad_token = self.tokenizer.convert_ids_to_tokens(pad_id)
         counts = (grid.prod(-1) // self.merge**2).tolist()

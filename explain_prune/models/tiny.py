@@ -1,4 +1,5 @@
-"""Local word-level tokenizers for the tiny random-weight models and the synthetic model.
+"""Local word-level tokenizers for the tiny random-weight models and the synthetic model, and the
+sizes every family's tiny random-weight model reads from its `tiny:` config block.
 
 No hub access is possible here, so tiny models get a small tokenizer built in code, with the
 special tokens of every family the project supports (Qwen2 chat markers, LLaVA's <image>, Llama-3
@@ -7,7 +8,7 @@ headers) so one builder serves all of them.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -60,3 +61,31 @@ def build_tokenizer(extra_words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
         additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>")],
     )
     return tokenizer
+
+
+def tiny_lm_kwargs(tiny: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """The language model's config arguments from a `tiny:` block, named as every family's
+    conf/model/tiny_*.yaml names them; the vocabulary is the tokenizer's."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=int(tiny["hidden_size"]),
+        intermediate_size=int(tiny["intermediate_size"]),
+        num_hidden_layers=int(tiny["num_layers"]),
+        num_attention_heads=int(tiny["num_heads"]),
+        num_key_value_heads=int(tiny["num_kv_heads"]),
+        initializer_range=float(tiny.get("initializer_range", 0.02)),
+    )
+
+
+def tiny_siglip_kwargs(vision: Mapping[str, Any], image_size: int) -> dict[str, Any]:
+    """SiglipVisionConfig arguments from a tiny config's `vision` block (`image_size` is the family's
+    default); no pooling head, since both SigLIP families read the patch tokens only."""
+    return dict(
+        hidden_size=int(vision.get("hidden_size", 32)),
+        intermediate_size=int(vision.get("intermediate_size", 64)),
+        num_hidden_layers=int(vision.get("num_layers", 2)),
+        num_attention_heads=int(vision.get("num_heads", 4)),
+        image_size=int(vision.get("image_size", image_size)),
+        patch_size=int(vision.get("patch_size", 14)),
+        vision_use_head=False,
+    )

@@ -1,7 +1,7 @@
 """Train the project's own small Qwen2-VL-architecture model on the synthetic grid task.
 
-    python -m explain_prune.synthetic.fit                    # reproduces explain_prune/assets/synthetic_model
-    python -m explain_prune.synthetic.fit seed=1 out_dir=/tmp/m steps=600
+    python -m explain_prune.synthetic_fit                    # reproduces explain_prune/assets/synthetic_model
+    python -m explain_prune.synthetic_fit seed=1 out_dir=/tmp/m steps=600
 
 The architecture is `conf/model/synthetic.yaml:tiny`; the random initial model is built by the
 project's Qwen2-VL adapter from that block (pretrained=null), and every training batch is built with
@@ -28,12 +28,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
-from explain_prune.cli import task
 from explain_prune.core import InputError, Sample
 from explain_prune.synthetic import register_resolvers
 from explain_prune.synthetic.generator import SyntheticConfig, generate
@@ -364,7 +362,7 @@ def fit(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     vlm.model.save_pretrained(out_dir)
     vlm.tokenizer.save_pretrained(out_dir)
     report = {
-        "command": " ".join(["python -m explain_prune.synthetic.fit", *overrides]),
+        "command": " ".join(["python -m explain_prune.synthetic_fit", *overrides]),
         "seed": int(cfg.seed),
         "steps": steps,
         "lr": float(cfg.lr),
@@ -388,18 +386,3 @@ def fit(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
 
 
 register_resolvers()
-
-
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="synthetic_fit")
-@task
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    report = fit(cfg, overrides=list(HydraConfig.get().overrides.task))
-    main_set = next(iter(report["heldout"].values()))
-    if main_set["accuracy"] < float(cfg.target_accuracy):
-        raise SystemExit(f"held-out accuracy {main_set['accuracy']:.3f} below target {cfg.target_accuracy}")
-
-
-if __name__ == "__main__":
-    main()

@@ -18,26 +18,16 @@ docs/data.md for the formats and how to point the configs at real downloads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from explain_prune.core import InputError, SampleError
-from explain_prune.data.sources.common import Source
-from explain_prune.data.sources.infinity_mm import InfinityMMSource
+from explain_prune.data.sources.common import SOURCES, Source
+from explain_prune.data.sources.infinity_mm import InfinityMMSource  # importing a module registers its source
 from explain_prune.data.sources.llava_video import LLaVAVideoSource
 from explain_prune.data.sources.synthetic import SyntheticSource
 
-COMMON_KEYS = ("name", "source", "strict", "auto_generate")
-SOURCE_KEYS: dict[str, tuple[str, ...]] = {
-    "infinity_mm": ("root", "annotation", "subsets", "balanced_per_part", "group_totals", "limit", "seed"),
-    "llava_video": ("root", "annotation", "subsets", "tasks", "balanced_per_part", "group_totals", "limit", "seed"),
-    "synthetic": ("limit", "seed", "generator"),
-}
-SOURCES: dict[str, Callable[..., Any]] = {
-    "infinity_mm": InfinityMMSource,
-    "llava_video": LLaVAVideoSource,
-    "synthetic": SyntheticSource,
-}
+COMMON_KEYS = ("name", "source", "strict", "auto_generate")  # read by the caller (explain.collect, train), not the source
 
 
 def _plain(data_cfg: Any) -> dict[str, Any]:
@@ -57,16 +47,11 @@ def build_source(data_cfg: Any) -> Any:
     a missing root/annotation, or a selection with no rows is an InputError)."""
     cfg = _plain(data_cfg)
     name = cfg.get("source")
-    if name not in SOURCES:
-        raise InputError(f"unknown data source {name!r}; known: {sorted(SOURCES)}")
-    allowed = SOURCE_KEYS[name]
-    unknown = sorted(set(cfg) - set(allowed) - set(COMMON_KEYS))
-    if unknown:
-        raise InputError(f"data source {name!r}: unknown key(s) {unknown}; known: {sorted(allowed + COMMON_KEYS)}")
-    kwargs = {k: cfg[k] for k in allowed if k in cfg}
-    if kwargs.get("seed") is None:
-        kwargs.pop("seed", None)
-    source = SOURCES[name](**kwargs)
+    if cfg.get("seed") is None:  # null: the source's own default seed
+        cfg.pop("seed", None)
+    SOURCES.check(name, cfg, "data", extra=COMMON_KEYS)
+    kwargs = {k: v for k, v in cfg.items() if k not in COMMON_KEYS}
+    source = SOURCES.get(name)(**kwargs)
     if len(source) == 0:
         raise InputError(f"data source {name!r} selected no rows ({source.describe()})")
     return source

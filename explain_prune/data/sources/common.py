@@ -47,6 +47,7 @@ from typing import Any
 from PIL import Image
 
 from explain_prune.core import InputError, Sample, SampleError
+from explain_prune.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ class Entry:
     path: Path | None = None  # a one-record JSON file read at iteration (Infinity-MM layout)
     error: str | None = None  # known at construction (bad JSON line, row is not an object)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+SOURCES: Registry = Registry("data source")  # every source registers itself: @SOURCES.register(name)
 
 
 class Source(abc.ABC):

@@ -37,6 +37,7 @@ from PIL import Image
 
 from explain_prune.core import InputError, Sample
 from explain_prune.data.sources.common import (
+    SOURCES,
     IMAGE_EXTENSIONS,
     Entry,
     RowError,
@@ -53,8 +54,8 @@ from explain_prune.data.sources.common import (
 )
 
 
+@SOURCES.register("infinity_mm")
 class InfinityMMSource(Source):
-    name = "infinity_mm"
 
     def __init__(
         self,

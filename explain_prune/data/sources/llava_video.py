@@ -41,6 +41,7 @@ from typing import Any
 
 from explain_prune.core import InputError, Sample
 from explain_prune.data.sources.common import (
+    SOURCES,
     ANNOTATION_SUFFIXES,
     Entry,
     RowError,
@@ -92,8 +93,8 @@ def infer_task(record: dict[str, Any]) -> str:
     return "mc" if answer_meta(turn.question, turn.answer)["answer_type"] == "multiple_choice" else "oe"
 
 
+@SOURCES.register("llava_video")
 class LLaVAVideoSource(Source):
-    name = "llava_video"
 
     def __init__(
         self,

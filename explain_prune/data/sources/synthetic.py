@@ -16,6 +16,7 @@ from typing import Any
 
 from explain_prune.core import InputError, Sample
 from explain_prune.synthetic.generator import SyntheticConfig, make_sample
+from explain_prune.data.sources.common import SOURCES
 
 
 def synthetic_config(overrides: Mapping[str, Any] | None) -> SyntheticConfig:
@@ -32,8 +33,8 @@ def synthetic_config(overrides: Mapping[str, Any] | None) -> SyntheticConfig:
         raise InputError(f"synthetic: {err}") from None
 
 
+@SOURCES.register("synthetic")
 class SyntheticSource:
-    name = "synthetic"
 
     def __init__(self, limit: int | None, seed: int = 0, generator: Mapping[str, Any] | None = None):
         if limit is None:

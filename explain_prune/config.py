@@ -1,0 +1,200 @@
+"""Check a composed stage config before anything heavy runs (docs/design.md §Configuration).
+
+`cli.task` calls `check_config(cfg)` first in every entry point: each group present in the config
+(model, modality, method, relevance, benchmark, judge, data, compressor) and the stage's own
+top-level settings are checked against their declared fields, so a typo, a wrong type or a value
+out of range is one `error: <key>: ...` line and exit 2 before any weights or data are read.
+The groups' schemas live with the code that reads them (the registries' classes, RelevanceSettings,
+FThetaConfig); the model and modality schemas, which several adapters share, live here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from explain_prune.core import InputError
+from explain_prune.core.retention import check_retention
+from explain_prune.core.schema import Param, check_dataclass, check_mapping, check_value
+from explain_prune.data.video import SAMPLING_RULES
+from explain_prune.models import FAMILIES
+from explain_prune.models.base import DTYPES
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@dataclass
+class ModelConfig:
+    """conf/model/*.yaml: which checkpoint (or tiny random model), its precision and its input budget."""
+
+    name: str = ""
+    family: str = field(default="", metadata={"choices": tuple(FAMILIES)})
+    pretrained: str | None = None  # hub id or local folder; null: build `tiny` with random weights
+    dtype: str = field(default="float32", metadata={"choices": tuple(DTYPES)})
+    attn_implementation: str = field(default="sdpa", metadata={"choices": ATTN_IMPLEMENTATIONS})
+    trust_remote_code: bool = False
+    system_prompt: str | None = None
+    tiny: dict | None = None  # architecture of the random-weight model (family-specific keys)
+    image: dict | None = None
+    video: dict | None = None
+    llm: dict | None = None  # language-model widths for FLOPs / KV accounting
+
+
+@dataclass
+class ImageBudget:
+    min_pixels: int | None = field(default=None, metadata={"minimum": 1})
+    max_pixels: int | None = field(default=None, metadata={"minimum": 1})
+    aspect_ratio: str | None = None  # VILA: resize | pad
+    vision_aspect_ratio: str | None = None  # LLaVA-OV: anyres_max_9 ...
+
+
+@dataclass
+class VideoBudget:
+    num_frames: int = field(default=8, metadata={"minimum": 1})
+    max_pixels: int | None = field(default=None, metadata={"minimum": 1})
+    sampling: str = field(default="linspace", metadata={"choices": SAMPLING_RULES})
+
+
+@dataclass
+class ModalityConfig:
+    name: str = field(default="image", metadata={"choices": ("image", "video")})
+    num_frames: int | None = field(default=None, metadata={"minimum": 1})
+    sampling: str | None = field(default=None, metadata={"choices": (*SAMPLING_RULES, None)})
+
+
+# Top-level settings of the stages: name -> Param (only those present in a stage's config are checked).
+STAGE_SETTINGS = {
+    p.name: p
+    for p in (
+        Param("strict", bool),
+        Param("batch_size", int, minimum=1),
+        Param("max_new_tokens", int | None, minimum=1),
+        Param("torch_threads", int | None, minimum=1),
+        Param("shard_id", int, minimum=0),
+        Param("num_shards", int, minimum=1),
+        Param("shard_size", int, minimum=1),
+        Param("n_visual", int | None, minimum=1),
+        Param("bytes_per_value", int, minimum=1),
+    )
+}
+
+
+def _plain(node: Any) -> Any:
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def _mapping(where: str, node: Any) -> dict[str, Any]:
+    value = _plain(node)
+    if not isinstance(value, Mapping):
+        raise InputError(f"{where}: expected a mapping, got {value!r}")
+    return dict(value)
+
+
+def check_model(node: Any) -> None:
+    model = _mapping("model", node)
+    check_dataclass(ModelConfig, "model", model)
+    if model.get("pretrained") is None and not model.get("tiny"):
+        raise InputError(f"model {model.get('name')!r}: pretrained is null and there is no tiny: architecture to build")
+    for key, schema in (("image", ImageBudget), ("video", VideoBudget)):
+        if model.get(key) is not None:
+            check_dataclass(schema, f"model.{key}", model[key])
+
+
+def check_method(node: Any) -> None:
+    """The method's name, retention and options; building it runs its own range checks (cheap: no model)."""
+    from explain_prune.methods import METHODS, build_from_config
+
+    method = _mapping("method", node)
+    check_mapping("method", method, {"name": Param("name", str), "retention": Param("retention"), "options": Param("options")})
+    METHODS.get(method.get("name"))
+    if "retention" in method:
+        try:
+            check_retention(method["retention"])
+        except InputError as err:
+            raise InputError(f"method.retention: {str(err).removeprefix('retention ')}") from None
+    METHODS.check(method["name"], _mapping("method.options", method.get("options") or {}), "method.options")
+    try:
+        build_from_config(method)
+    except InputError as err:
+        raise InputError(f"method ({method['name']}): {err}") from None
+
+
+def check_benchmark(node: Any) -> None:
+    from explain_prune.benchmarks import BENCHMARKS
+
+    bench = _mapping("benchmark", node)
+    name = bench.pop("name", None)
+    BENCHMARKS.check(BENCHMARKS.get(name).name, bench, "benchmark")
+
+
+def check_judge(node: Any) -> None:
+    from explain_prune.benchmarks.judge import JUDGES
+
+    judge = _mapping("judge", node)
+    name = judge.pop("name", "none")
+    if name in (None, "none"):
+        check_mapping("judge", judge, {})
+        return
+    JUDGES.check(JUDGES.get(name).name, judge, "judge")
+
+
+def check_data(node: Any) -> None:
+    from explain_prune.data.sources import COMMON_KEYS, SOURCES
+
+    data = _mapping("data", node)
+    if data.get("seed") is None:
+        data.pop("seed", None)
+    SOURCES.check(SOURCES.get(data.get("source")).name, data, "data", extra=COMMON_KEYS)
+
+
+def check_relevance(node: Any) -> None:
+    from explain_prune.explain.collect import RelevanceSettings
+
+    check_dataclass(RelevanceSettings, "relevance", _mapping("relevance", node))
+
+
+@dataclass
+class CompressorTraining:
+    """conf/compressor/*.yaml: f_θ's architecture (`net`, checked by the compressor registry) and objective."""
+
+    net: dict = field(default_factory=dict)
+    lr: float = field(default=1e-3, metadata={"minimum": 0.0})
+    mask_ratio: float = field(default=0.5, metadata={"minimum": 0.0})
+    overlap_ratios: list = field(default_factory=list)
+
+
+def check_compressor(node: Any) -> None:
+    from explain_prune.compress.network import COMPRESSORS
+
+    compressor = _mapping("compressor", node)
+    check_dataclass(CompressorTraining, "compressor", compressor)
+    COMPRESSORS.check("ftheta", _mapping("compressor.net", compressor.get("net") or {}), "compressor.net")
+    if not 0.0 <= float(compressor.get("mask_ratio", 0.5)) < 1.0:
+        raise InputError(f"compressor.mask_ratio: must be in [0, 1), got {compressor['mask_ratio']!r}")
+
+
+GROUP_CHECKS = {
+    "model": check_model,
+    "modality": lambda node: check_dataclass(ModalityConfig, "modality", _mapping("modality", node)),
+    "method": check_method,
+    "relevance": check_relevance,
+    "benchmark": check_benchmark,
+    "judge": check_judge,
+    "data": check_data,
+    "compressor": check_compressor,
+}
+
+
+def check_config(cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Every group and top-level setting of a stage config; the first problem is one InputError line."""
+    for key, check in GROUP_CHECKS.items():
+        if key in cfg and cfg[key] is not None:
+            check(cfg[key])
+    for key, param in STAGE_SETTINGS.items():
+        if key in cfg:
+            check_value("", param, _plain(cfg[key]))

@@ -1,0 +1,184 @@
+"""Every config group's bad values stop at config time: one `error: <key>: ...` line, exit 2, no model load.
+
+The bulk of the cases compose each stage's config with the compose API and run `check_config` (what
+`cli.task` runs first); a few run the real entry points, in-process with the model builder replaced by
+one that fails the test, and as a subprocess, to see the line and the exit code a user sees.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import explain_prune.cli  # noqa: F401  (registers the ${ep.asset:...} resolver the synthetic model config uses)
+from explain_prune.config import check_config
+from explain_prune.core import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+
+def composed(stage: str, *overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name=stage, overrides=list(overrides))
+
+
+# (stage, overrides, the start of the one-line message)
+BAD = [
+    # model
+    ("evaluate", ["model.dtype=float8"], "model.dtype: 'float8' is not allowed (allowed: float64, float32, bfloat16, float16)"),
+    ("evaluate", ["model.attn_implementation=flash"], "model.attn_implementation: 'flash' is not allowed"),
+    ("evaluate", ["+model.dtpye=float32"], "model.dtpye: unknown key"),
+    ("evaluate", ["model.trust_remote_code=yes"], "model.trust_remote_code: expected bool, got 'yes'"),
+    ("evaluate", ["model.family=llama"], "model.family: 'llama' is not allowed (allowed: qwen2vl, llava_onevision, vila)"),
+    ("evaluate", ["model.video.num_frames=0"], "model.video.num_frames: must be >= 1"),
+    ("evaluate", ["model.video.sampling=uniform"], "model.video.sampling: 'uniform' is not allowed"),
+    ("evaluate", ["model.image.max_pixels=abc"], "model.image.max_pixels: expected int | null, got 'abc'"),
+    # modality
+    ("evaluate", ["modality=video", "modality.num_frames=-1"], "modality.num_frames: must be >= 1"),
+    ("evaluate", ["+modality.frames=8"], "modality.frames: unknown key"),
+    # method (options, retention, the method's own range checks)
+    ("evaluate", ["method=fastv", "method.options.layer=abc"], "method.options.layer: expected int, got 'abc'"),
+    ("evaluate", ["method=fastv", "+method.options.K=2"], "method.options.K: unknown key (allowed: layer, query)"),
+    ("evaluate", ["method=fastv", "method.options.query=first"], "method.options.query: 'first' is not allowed (allowed: last, mean)"),
+    ("evaluate", ["method=gae", "method.options.head_reduce=grd"], "method.options.head_reduce: 'grd' is not allowed"),
+    ("evaluate", ["method=fastv", "method.retention=1.5"], "method.retention: must be in (0, 1], got 1.5"),
+    ("evaluate", ["method=fastv", "method.retention=abc"], "method.retention: must be a number in (0, 1], got 'abc'"),
+    ("evaluate", ["method=vanilla", "retention=r0.25"], "method (vanilla): method 'vanilla' keeps every visual token"),
+    ("evaluate", ["method=pdrop", "method.options.lam=2.0"], "method (pdrop): pdrop: lam must be in (0, 1]"),
+    # benchmark
+    ("evaluate", ["benchmark.limit=abc"], "benchmark.limit: expected int | null, got 'abc'"),
+    ("evaluate", ["+benchmark.limt=3"], "benchmark.limt: unknown key"),
+    ("evaluate", ["benchmark.generator=3"], "benchmark.generator: expected Mapping | null, got 3"),
+    # judge
+    ("evaluate", ["judge=fake", "+judge.temperature=0"], "judge.temperature: unknown key (allowed: model)"),
+    ("evaluate", ["judge=openai_compatible", "judge.timeout=soon"], "judge.timeout: expected float, got 'soon'"),
+    ("evaluate", ["+judge.model=x"], "judge.model: unknown key (allowed: none)"),
+    # evaluate's own settings
+    ("evaluate", ["batch_size=0"], "batch_size: must be >= 1, got 0"),
+    ("evaluate", ["batch_size=-1"], "batch_size: must be >= 1, got -1"),
+    ("evaluate", ["batch_size=abc"], "batch_size: expected int, got 'abc'"),
+    ("evaluate", ["strict=maybe"], "strict: expected bool, got 'maybe'"),
+    ("evaluate", ["max_new_tokens=0"], "max_new_tokens: must be >= 1, got 0"),
+    ("evaluate", ["torch_threads=0"], "torch_threads: must be >= 1, got 0"),
+    # generate: relevance, data, sharding
+    ("generate", ["relevance.head_reduce=grd"], "relevance.head_reduce: 'grd' is not allowed (allowed: grad, mean)"),
+    ("generate", ["relevance.a0_query=first"], "relevance.a0_query: 'first' is not allowed (allowed: instruction, last)"),
+    ("generate", ["relevance.batch_tokens=0"], "relevance.batch_tokens: must be >= 1, got 0"),
+    ("generate", ["relevance.clamp=sometimes"], "relevance.clamp: expected bool, got 'sometimes'"),
+    ("generate", ["+relevance.heads=mean"], "relevance.heads: unknown key"),
+    ("generate", ["data.limit=abc"], "data.limit: expected int | null, got 'abc'"),
+    ("generate", ["+data.root=/tmp"], "data.root: unknown key"),
+    ("generate", ["data.source=laion"], "unknown data source 'laion' (allowed: infinity_mm, llava_video, synthetic)"),
+    ("generate", ["num_shards=0"], "num_shards: must be >= 1, got 0"),
+    ("generate", ["shard_id=-1"], "shard_id: must be >= 0, got -1"),
+    # train: compressor
+    ("train", ["compressor.net.activation=swish"], "compressor.net.activation: 'swish' is not allowed"),
+    ("train", ["compressor.net.input_norm=l2"], "compressor.net.input_norm: 'l2' is not allowed (allowed: mean, log, zscore, none)"),
+    ("train", ["+compressor.net.depth=3"], "compressor.net.depth: unknown key"),
+    ("train", ["compressor.lr=fast"], "compressor.lr: expected float, got 'fast'"),
+    ("train", ["compressor.lr=-1"], "compressor.lr: must be >= 0, got -1"),
+    ("train", ["compressor.mask_ratio=1.5"], "compressor.mask_ratio: must be in [0, 1), got 1.5"),
+    ("train", ["+compressor.epochs=3"], "compressor.epochs: unknown key"),
+    # flops
+    ("flops", ["method=dart", "method.options.pivot_image=x"], "method.options.pivot_image: expected int, got 'x'"),
+    ("flops", ["n_visual=-5"], "n_visual: must be >= 1, got -5"),
+]
+
+
+@pytest.mark.parametrize(("stage", "overrides", "message"), BAD, ids=[" ".join(o) for _, o, _ in BAD])
+def test_bad_value_is_one_line_naming_the_key(stage, overrides, message):
+    cfg = composed(stage, *overrides)
+    with pytest.raises(InputError) as err:
+        check_config(cfg)
+    text = str(err.value)
+    assert "\n" not in text
+    assert text.startswith(message), text
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "generate", "train", "flops", "visualize"])
+def test_defaults_pass(stage):
+    check_config(composed(stage))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["baseline=fastv"], ["baseline=pdrop", "retention=r0.51"], ["method=dart", "retention=r0.1"],
+    ["method=visionzip", "method.retention=0.3"], ["judge=fake"], ["model=qwen2vl"], ["model=vila15", "modality=video"],
+])
+def test_good_values_pass(overrides):
+    check_config(composed("evaluate", *overrides))
+
+
+def test_entry_point_stops_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """In-process evaluate: the bad key is reported and the model builder is never called."""
+    from explain_prune import evaluate
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the config was checked")
+
+    monkeypatch.setattr(evaluate, "build_vlm", no_model)
+    monkeypatch.setattr(sys, "argv", ["evaluate", "--config-path", CONF, "batch_size=0", f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: batch_size: must be >= 1, got 0"]
+    assert not (tmp_path / "job.json").exists()  # nothing claimed, nothing written
+
+
+def test_ours_without_f_theta_stops_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from explain_prune import evaluate
+
+    monkeypatch.setattr(evaluate, "build_vlm", lambda *a, **k: pytest.fail("model built"))
+    monkeypatch.setattr(sys, "argv", ["evaluate", "--config-path", CONF, "method=ours", f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: method 'ours' needs a trained f_θ: set method.options.checkpoint=<path.safetensors>"
+    ]
+
+
+@pytest.mark.parametrize(("module", "override", "line"), [
+    ("explain_prune.generate", "relevance.head_reduce=grd", "error: relevance.head_reduce: 'grd' is not allowed (allowed: grad, mean)"),
+    ("explain_prune.train", "compressor.net.activation=swish", "error: compressor.net.activation: 'swish' is not allowed"),
+])
+def test_subprocess_one_line_exit_2(tmp_path, module, override, line):
+    proc = subprocess.run(
+        [sys.executable, "-m", module, override, f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(line), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "cache").exists()  # generate wrote no cache meta before failing
+
+
+def test_baseline_is_the_method_and_refuses_non_baselines():
+    assert composed("evaluate", "baseline=fastv").method == composed("evaluate", "method=fastv").method
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException):
+        composed("evaluate", "baseline=ours")
+
+
+@pytest.mark.parametrize("method", ["vanilla", "random", "gae", "fastv", "pdrop", "dart", "visionzip", "ours"])
+def test_evaluate_prunes_at_the_methods_default(method):
+    """No top-level retention overrides the method's: `method=<m>` runs at conf/method/<m>.yaml's value."""
+    from omegaconf import OmegaConf
+
+    cfg = composed("evaluate", f"method={method}")
+    own = OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml").retention
+    assert cfg.method.retention == own
+    assert "retention" not in cfg  # one home
+    assert cfg.run_id.endswith(f"/{method}/r{own}")
+    assert composed("flops", f"method={method}").method.retention == own
+
+
+@pytest.mark.parametrize("value", ["r0.5", "r0.25", "r0.1", "r0.51"])
+def test_retention_group_sets_the_methods_retention(value):
+    assert composed("evaluate", "method=fastv", f"retention={value}").method.retention == float(value[1:])
