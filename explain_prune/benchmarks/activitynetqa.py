@@ -23,7 +23,6 @@ mean judge score over all items (0–5), both also per question `type`.
 from __future__ import annotations
 
 import ast
-import re
 from typing import Any, Iterator
 
 from explain_prune.benchmarks.base import Record
@@ -37,7 +36,7 @@ from explain_prune.benchmarks.video_base import (
     text_field,
 )
 from explain_prune.core import InputError, Sample
-from explain_prune.benchmarks.base import BENCHMARKS
+from explain_prune.benchmarks.base import BENCHMARKS, normalize_text
 
 PARQUET = "data/test-00000-of-00001.parquet"
 POST_PROMPT = " Answer the question using a single word or phrase."
@@ -89,14 +88,10 @@ def parse_judgement(reply: str | None) -> tuple[str, float] | None:
     return str(pred), score
 
 
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", str(text).lower()).split())
-
-
 def rule_judgement(answer: str, prediction: str) -> str:
     """Offline stand-in for `FakeJudge` (NOT the benchmark's metric): yes/5 if the normalised answer
     occurs in the normalised prediction, else no/0."""
-    a, p = _norm(answer), _norm(prediction)
+    a, p = normalize_text(answer), normalize_text(prediction)
     hit = bool(a) and a in p
     return repr({"pred": "yes" if hit else "no", "score": 5 if hit else 0})
 

@@ -9,6 +9,7 @@ count it (or fail under strict=true) instead of scoring it silently wrong.
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +28,16 @@ class Record:
     extracted: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
     sample_metrics: dict[str, Any] | None = None  # Benchmark.sample_metrics of this sample, if any
+
+
+def percent(hits: float, total: int) -> float:
+    """hits / total in %, 0 for no samples (every benchmark's accuracy figure)."""
+    return 100.0 * hits / total if total else 0.0
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, punctuation to spaces, whitespace collapsed: the offline stand-in judges compare these."""
+    return " ".join(re.sub(r"[^\w\s]", " ", str(text).lower()).split())
 
 
 BENCHMARKS: Registry = Registry("benchmark")  # every benchmark registers itself: @BENCHMARKS.register(name)

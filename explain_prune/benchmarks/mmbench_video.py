@@ -38,7 +38,7 @@ from explain_prune.benchmarks.video_base import (
     text_field,
 )
 from explain_prune.core import InputError, Sample
-from explain_prune.benchmarks.base import BENCHMARKS
+from explain_prune.benchmarks.base import BENCHMARKS, normalize_text
 
 TSV = "MMBench-Video.tsv"
 
@@ -95,14 +95,10 @@ def parse_rating(reply: str | None) -> int:
     return value if 0 <= value <= 3 else -1
 
 
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", str(text).lower()).split())
-
-
 def rule_rating(answer: str, prediction: str) -> int:
     """Offline stand-in for `FakeJudge` (NOT the benchmark's metric): 3 if the normalised texts are
     equal, 2 if the answer occurs in the prediction, else 0."""
-    a, p = _norm(answer), _norm(prediction)
+    a, p = normalize_text(answer), normalize_text(prediction)
     if a and a == p:
         return 3
     return 2 if a and a in p else 0

@@ -32,6 +32,7 @@ import pandas as pd
 
 from explain_prune.benchmarks.base import Benchmark
 from explain_prune.core import InputError, Sample, SampleError
+from explain_prune.benchmarks.base import percent  # noqa: F401  (re-exported to the benchmark modules)
 from explain_prune.data.video import SAMPLING_RULES
 
 
@@ -76,10 +77,6 @@ def list_field(value: Any, what: str) -> list[str]:
     if not isinstance(value, (list, tuple)) or not value:
         raise RowError(f"'{what}' must be a non-empty list, got {type(value).__name__}")
     return [str(v) for v in value]
-
-
-def percent(hits: float, total: int) -> float:
-    return 100.0 * hits / total if total else 0.0
 
 
 # --- files ----------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from PIL import Image
 
 from explain_prune.benchmarks.base import Benchmark
 from explain_prune.core import InputError, Sample, SampleError
+from explain_prune.benchmarks.base import percent  # noqa: F401  (re-exported to the benchmark modules)
 
 IMAGE_REF_MAX_CHARS = 64  # an `image` value this short is the index of another row
 OPTION_LETTERS = tuple(string.ascii_uppercase)
@@ -300,10 +301,6 @@ class VLMEvalImageBenchmark(Benchmark):
     @abc.abstractmethod
     def make_sample(self, row: TSVRow) -> Sample:
         """Apply the pinned prompt; raise RowError if the row is unusable for this benchmark."""
-
-
-def percent(hits: float, total: int) -> float:
-    return 100.0 * hits / total if total else 0.0
 
 
 def grouped_accuracy(pairs: list[tuple[str | None, bool]]) -> dict[str, float]:

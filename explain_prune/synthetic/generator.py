@@ -21,7 +21,7 @@ the same pixels, question and answer.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -294,13 +294,6 @@ def make_sample(cfg: SyntheticConfig, seed: int, index: int) -> Sample:
 
 def generate(cfg: SyntheticConfig, n: int, seed: int, start: int = 0) -> list[Sample]:
     return [make_sample(cfg, seed, i) for i in range(start, start + n)]
-
-
-def iter_samples(cfg: SyntheticConfig, seed: int, start: int = 0) -> Iterator[Sample]:
-    i = start
-    while True:
-        yield make_sample(cfg, seed, i)
-        i += 1
 
 
 def with_objects(scene: Scene, objects: list[SceneObject]) -> Scene:
