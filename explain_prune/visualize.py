@@ -33,7 +33,7 @@ def input_sample(cfg: DictConfig) -> Sample:
         paths = list(image) if isinstance(image, (list, ListConfig)) else [image]
         images = [load_image(str(p)) for p in paths]
         return Sample(id=Path(str(paths[0])).stem, question=str(question), images=images)
-    from explain_prune.data.sources.synthetic import synthetic_config
+    from explain_prune.synthetic.generator import synthetic_config
     from explain_prune.synthetic.generator import make_sample
 
     syn = cfg.synthetic

@@ -422,3 +422,20 @@ def test_normalisation_and_f1():
     assert normalize_answer("None of them") == "0 of them"
     assert token_f1("man plays guitar", "man is playing guitar") == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
     assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0
+
+
+def test_synthetic_config_is_one_rule_for_source_fit_and_benchmark():
+    """The source, the benchmark and synthetic_fit build the same SyntheticConfig from the same YAML
+    node, with YAML lists turned into the dataclass's tuples (`scale` included)."""
+    from omegaconf import OmegaConf
+
+    from explain_prune.benchmarks.synthetic import SyntheticBenchmark
+    from explain_prune.synthetic.generator import SyntheticConfig, synthetic_config
+
+    node = OmegaConf.create({"grid": 4, "scale": [0.6, 0.8], "question_types": ["color", "shape"]})
+    expected = SyntheticConfig(grid=4, scale=(0.6, 0.8), question_types=("color", "shape"))
+    assert synthetic_config(node) == expected  # what synthetic_fit reads (a DictConfig)
+    assert build_source({"source": "synthetic", "limit": 2, "generator": node}).config == expected
+    assert SyntheticBenchmark(limit=2, generator=OmegaConf.to_container(node)).config == expected
+    with pytest.raises(InputError, match="unknown generator option"):
+        synthetic_config({"grids": 4})

@@ -30,7 +30,7 @@ from explain_prune.benchmarks.base import Benchmark, Record
 from explain_prune.benchmarks.extract import vqa_normalize_punctuation
 from explain_prune.benchmarks.vlmeval_tsv import grouped_accuracy, percent
 from explain_prune.core import InputError, Sample
-from explain_prune.data.sources.synthetic import synthetic_config
+from explain_prune.synthetic.generator import synthetic_config
 from explain_prune.synthetic.generator import make_sample
 from explain_prune.benchmarks.base import BENCHMARKS
 

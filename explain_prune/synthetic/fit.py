@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from explain_prune.core import InputError, Sample
 from explain_prune.synthetic import register_resolvers
-from explain_prune.synthetic.generator import SyntheticConfig, generate
+from explain_prune.synthetic.generator import SyntheticConfig, generate, synthetic_config
 
 log = logging.getLogger("explain_prune.synthetic.fit")
 
@@ -271,13 +271,6 @@ def _lightning_module(vlm: Any, curriculum: Curriculum, lr: float, weight_decay:
 
     return FitModule()
 
-
-def synthetic_config(node: Any) -> SyntheticConfig:
-    d = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    for key in ("question_types", "scale"):
-        if key in d:
-            d[key] = tuple(d[key])
-    return SyntheticConfig(**d)
 
 
 def evaluate_sets(vlm: Any, sets: dict[str, tuple[SyntheticConfig, int, int]], seed: int) -> dict[str, Any]:

@@ -20,13 +20,14 @@ the same pixels, question and answer.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Sequence
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from explain_prune.core import Sample
+from explain_prune.core import InputError, Sample
 
 TOKEN_PX = 28  # one Qwen2-VL visual token: 14-px patch x spatial merge 2
 TEMPORAL_PATCH = 2  # frames per temporal token
@@ -290,6 +291,27 @@ def make_sample(cfg: SyntheticConfig, seed: int, index: int) -> Sample:
     kind = "video" if cfg.frames else "image"
     sid = f"synthetic-{kind}-g{cfg.grid}c{cfg.cell_px}f{cfg.frames}-s{seed}-{index}"
     return scene_to_sample(make_scene(cfg, seed, index), sid)
+
+
+def synthetic_config(overrides: Mapping[str, Any] | None) -> SyntheticConfig:
+    """A SyntheticConfig from config overrides (a plain mapping or a DictConfig): the one place that
+    turns YAML lists into the dataclass's tuples (`scale`, `question_types`) and names a bad key."""
+    if overrides is not None and not isinstance(overrides, dict):
+        from omegaconf import OmegaConf
+
+        overrides = OmegaConf.to_container(overrides, resolve=True) if OmegaConf.is_config(overrides) else dict(overrides)
+    values = dict(overrides or {})
+    known = {f.name for f in fields(SyntheticConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"synthetic: unknown generator option(s) {unknown}; known: {sorted(known)}")
+    for key in ("question_types", "scale"):
+        if key in values:
+            values[key] = tuple(values[key])
+    try:
+        return SyntheticConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"synthetic: {err}") from None
 
 
 def generate(cfg: SyntheticConfig, n: int, seed: int, start: int = 0) -> list[Sample]:

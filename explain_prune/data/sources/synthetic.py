@@ -15,22 +15,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from explain_prune.core import InputError, Sample
-from explain_prune.synthetic.generator import SyntheticConfig, make_sample
+from explain_prune.synthetic.generator import make_sample, synthetic_config
 from explain_prune.data.sources.common import SOURCES
 
-
-def synthetic_config(overrides: Mapping[str, Any] | None) -> SyntheticConfig:
-    fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
-    values = dict(overrides or {})
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise InputError(f"synthetic: unknown generator option(s) {unknown}; known: {sorted(fields)}")
-    if "question_types" in values:
-        values["question_types"] = tuple(values["question_types"])
-    try:
-        return SyntheticConfig(**values)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"synthetic: {err}") from None
 
 
 @SOURCES.register("synthetic")
