@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from explain_prune.engine import flops as flops_lib
 from explain_prune.benchmarks.base import Benchmark, Record
-from explain_prune.core import InputError, SampleError, write_json_atomic
+from explain_prune.core import InputError, SampleError, skip_or_raise, write_json_atomic
 from explain_prune.engine import generate
 from explain_prune.models.base import VLM
 
@@ -116,9 +116,7 @@ def evaluate(
     max_new = benchmark.max_new_tokens
 
     def fail(sample_id: str, reason: str) -> None:
-        if settings.strict:
-            raise InputError(f"sample {sample_id!r}: {reason} (strict=true)")
-        log.warning("sample %r: %s", sample_id, reason)
+        skip_or_raise(sample_id, reason, settings.strict)
         log_file.append({"id": sample_id, "error": reason})
 
     requested: list[str] = []  # every id this job asks for, so finalize can tell a complete run

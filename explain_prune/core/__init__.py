@@ -1,6 +1,6 @@
 """The shared bottom layer: errors, `Sample`, atomic writes. It imports nothing else from the project."""
 
-from explain_prune.core.errors import InputError, SampleError
+from explain_prune.core.errors import InputError, SampleError, skip_or_raise
 from explain_prune.core.io import (
     fsync_dir,
     read_json,
@@ -16,6 +16,7 @@ __all__ = [
     "fsync_dir",
     "load_image",
     "read_json",
+    "skip_or_raise",
     "write_bytes_atomic",
     "write_json_atomic",
 ]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+log = logging.getLogger("explain_prune")
 
 
 class InputError(ValueError):
@@ -18,3 +21,11 @@ class SampleError:
 
     id: str
     reason: str
+
+
+def skip_or_raise(sample_id: str, reason: str, strict: bool, setting: str = "strict=true") -> None:
+    """A bad sample in a bulk job: under `strict` one InputError line naming it (and the setting that
+    made it fatal), else a logged skip the caller counts."""
+    if strict:
+        raise InputError(f"sample {sample_id!r}: {reason} ({setting})")
+    log.warning("skipping sample %r: %s", sample_id, reason)

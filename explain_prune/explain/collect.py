@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from tqdm import tqdm
 
-from explain_prune.core import InputError, Sample, SampleError
+from explain_prune.core import InputError, Sample, SampleError, skip_or_raise
 from explain_prune.core.schema import check_dataclass
 from explain_prune.data.cache import CacheWriter
 from explain_prune.engine import generate
@@ -75,11 +75,8 @@ class Summary:
 
 
 def _skip(summary: Summary, sample_id: str, reason: str, strict: bool) -> None:
-    if strict:
-        raise InputError(f"sample {sample_id!r}: {reason} (data.strict=true)")
-    category = reason.split(":")[0][:60]
-    summary.skipped[category] += 1
-    log.warning("skipping sample %r: %s", sample_id, reason)
+    skip_or_raise(sample_id, reason, strict, "data.strict=true")
+    summary.skipped[reason.split(":")[0][:60]] += 1  # counted by the reason's first clause
 
 
 def collect(
