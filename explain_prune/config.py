@@ -153,7 +153,7 @@ def check_data(node: Any) -> None:
 
 
 def check_relevance(node: Any) -> None:
-    from explain_prune.explain.collect import RelevanceSettings
+    from explain_prune.explain.relevance import RelevanceSettings
 
     check_dataclass(RelevanceSettings, "relevance", _mapping("relevance", node))
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from explain_prune import tracking
 from explain_prune.benchmarks import build_benchmark, build_judge
-from explain_prune.benchmarks.runner import EvalSettings, evaluate
+from explain_prune.stages.evaluate import EvalSettings, evaluate
 from explain_prune.cli import task
 from explain_prune.methods import build_from_config
 from explain_prune.models import build_vlm

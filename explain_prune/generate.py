@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from explain_prune.cli import task
 from explain_prune.core import write_json_atomic
-from explain_prune.explain.collect import build_cache
+from explain_prune.stages.generate import build_cache
 
 log = logging.getLogger(__name__)
 

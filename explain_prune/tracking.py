@@ -17,8 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from explain_prune.benchmarks.runner import RESULTS, _jsonable
-from explain_prune.core import InputError, write_json_atomic
+from explain_prune.core import RESULTS, InputError, jsonable, write_json_atomic
 
 MASK = "***"
 SECRET_KEYS = ("api_key", "token", "password", "secret")
@@ -83,7 +82,7 @@ def completed_results(out_dir: str | Path, job: Mapping[str, Any]) -> dict[str, 
         saved = json.loads(path.read_text())
     except (OSError, ValueError):  # none yet, or damaged: run (the prediction log resumes it)
         return None
-    if isinstance(saved, dict) and saved.get("complete") is True and saved.get("job") == _jsonable(dict(job)):
+    if isinstance(saved, dict) and saved.get("complete") is True and saved.get("job") == jsonable(dict(job)):
         return saved
     return None
 
@@ -107,7 +106,7 @@ def claim_run_dir(out_dir: str | Path, job: Mapping[str, Any]) -> None:
     Only the benchmark's `limit` may change between runs: the samples it selects are the same."""
     path = Path(out_dir) / JOB_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    current = _jsonable(dict(job))
+    current = jsonable(dict(job))
     if path.is_file():
         previous = json.loads(path.read_text())
         differ = [d for d in _differences(previous, current) if d != "benchmark.limit"]

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from test_evaluate import b64_image
 
 from explain_prune import report
+from explain_prune.stages.report import main as report_main
 from explain_prune.compress.network import FTheta, FThetaConfig, save_compressor
 from explain_prune.engine.flops import method_report
 from explain_prune.methods import build_from_config
@@ -253,7 +254,7 @@ def test_table2_sweep_on_a_tiny_model_resume_and_report(tmp_path):
     assert rerun.stdout.count("skip: ") == 9 and lost.is_file()
     assert json.loads(lost.read_text())["score"] == results["tiny_qwen2vl/seedbench/ours/r0.25"]["score"]
 
-    report.main([str(sweep_dir)])
+    report_main([str(sweep_dir)])
     with open(sweep_dir / "report.csv") as fh:
         rows = {(r["method"], float(r["retention"])): r for r in csv.DictReader(fh) if r["source"] == "measured"}
     cells_md = [[c.strip() for c in line.strip("|").split("|")] for line in (sweep_dir / "report.md").read_text().splitlines()

@@ -19,6 +19,7 @@ from helpers import ROOT
 from test_evaluate import mmstar_root  # noqa: F401  (the MMStar fixture writer)
 
 from explain_prune import report
+from explain_prune.stages.report import main as report_main
 
 MIB = 2**20
 EXPERIMENT = {
@@ -124,7 +125,7 @@ def md_rows(markdown: str) -> dict[tuple[str, str, str, str], dict[str, str]]:
 
 
 def run_report(capsys, *argv: str) -> tuple[str, str]:
-    report.main(list(argv))
+    report_main(list(argv))
     out = capsys.readouterr()
     return out.out, out.err
 
@@ -467,7 +468,7 @@ def test_table1_and_figure3_paper_rows_fill_the_group_averages(name, frames, ima
 def test_bad_groups_are_one_line_exit_2(tmp_path, capsys, groups, message):
     write_job(tmp_path, "qwen2vl", "vanilla", 1.0, "mmstar", 60.0, 10.0, 1.0, {**MIXED_EXPERIMENT, "groups": groups})
     with pytest.raises(SystemExit) as exit_info:
-        report.main([str(tmp_path)])
+        report_main([str(tmp_path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: report: {message}")
@@ -481,7 +482,7 @@ def test_bad_sweep_dir_is_one_line_exit_2(tmp_path, capsys, make):
         write_job(target / "a", "qwen2vl", "vanilla", 1.0, "mmstar", 60.0, 10.0, 1.0, {"name": "table2"})
         write_job(target / "b", "qwen2vl", "vanilla", 1.0, "mmstar", 60.0, 10.0, 1.0, {"name": "table4"})
     with pytest.raises(SystemExit) as exit_info:
-        report.main([str(target)])
+        report_main([str(target)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: report:")

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from explain_prune.benchmarks import build_benchmark
 from explain_prune.benchmarks.base import Record
-from explain_prune.benchmarks.runner import first_stage_scores
+from explain_prune.stages.evaluate import first_stage_scores
 from explain_prune.benchmarks.synthetic import (
     BENCHMARK_SEED,
     SyntheticBenchmark,
@@ -186,7 +186,7 @@ def synthetic_vlm():
 def test_runner_records_the_pointing_game_of_the_methods_own_scores(synthetic_vlm, tmp_path):
     """In process: each gae record's sample_metrics equal a numpy top-k of R_v recomputed here by
     GAE.scores; FastV (layer 2, all tokens alive) is scored too; random (no scores) is not."""
-    from explain_prune.benchmarks.runner import EvalSettings, evaluate
+    from explain_prune.stages.evaluate import EvalSettings, evaluate
     from explain_prune.methods import build_method
 
     bench = SyntheticBenchmark(limit=3)

@@ -17,7 +17,7 @@ from explain_prune.compress.network import load_compressor
 from explain_prune.core import InputError
 from explain_prune.data.cache import CacheWriter, make_meta
 from explain_prune.data.planted import write_planted_cache
-from explain_prune.train import run
+from explain_prune.stages.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -31,7 +31,7 @@ from transformers.models.siglip import modeling_siglip
 
 from explain_prune.engine import flops as flops_lib
 from explain_prune.benchmarks.base import Benchmark
-from explain_prune.benchmarks.runner import EvalSettings, evaluate
+from explain_prune.stages.evaluate import EvalSettings, evaluate
 from explain_prune.core import InputError
 from explain_prune.engine import PrunePlan, generate
 from explain_prune.methods import build_method, keep_count

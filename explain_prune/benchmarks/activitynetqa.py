@@ -29,10 +29,8 @@ from explain_prune.benchmarks.base import Record
 from explain_prune.benchmarks.judge import Judge
 from explain_prune.benchmarks.video_base import (
     VideoBenchmark,
-    find_data_file,
     grouped_mean,
     percent,
-    read_table,
     text_field,
 )
 from explain_prune.core import InputError, Sample
@@ -111,13 +109,7 @@ class ActivityNetQA(VideoBenchmark):
         self.judge_max_tokens = None if judge_max_tokens is None else int(judge_max_tokens)
 
     def records(self) -> Iterator[dict[str, Any]]:
-        path = find_data_file(self.root, (PARQUET,), "ActivityNet-QA", self.data_file)
-        rows = read_table(path)
-        if rows:
-            missing = sorted({"video_name", "question", "answer", "question_id"} - set(rows[0]))
-            if missing:
-                raise InputError(f"{path} lacks column(s) {missing} (columns: {sorted(rows[0])})")
-        yield from rows
+        yield from self.read_records((PARQUET,), ("video_name", "question", "answer", "question_id"))
 
     def record_id(self, rec: dict[str, Any], position: int) -> str:
         return text_field(rec, "question_id")

@@ -12,9 +12,9 @@ import abc
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-from explain_prune.core import Sample, SampleError
+from explain_prune.core import InputError, Sample, SampleError
 from explain_prune.core.registry import Registry
 
 
@@ -33,6 +33,14 @@ class Record:
 def percent(hits: float, total: int) -> float:
     """hits / total in %, 0 for no samples (every benchmark's accuracy figure)."""
     return 100.0 * hits / total if total else 0.0
+
+
+def require_columns(path: Path, columns: Iterable[str], required: Iterable[str], why: str = "") -> None:
+    """InputError naming the released file and every required column it lacks (`why`: a hint appended)."""
+    have = sorted(columns)
+    missing = sorted(set(required) - set(have))
+    if missing:
+        raise InputError(f"{path} lacks column(s) {missing} (columns: {have}){why}")
 
 
 def normalize_text(text: str) -> str:

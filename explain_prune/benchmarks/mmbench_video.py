@@ -32,9 +32,7 @@ from explain_prune.benchmarks.judge import Judge
 from explain_prune.benchmarks.video_base import (
     RowError,
     VideoBenchmark,
-    find_data_file,
     list_field,
-    read_table,
     text_field,
 )
 from explain_prune.core import InputError, Sample
@@ -144,13 +142,7 @@ class MMBenchVideo(VideoBenchmark):
         self.judge_max_tokens = None if judge_max_tokens is None else int(judge_max_tokens)
 
     def records(self) -> Iterator[dict[str, Any]]:
-        path = find_data_file(self.root, (TSV,), "MMBench-Video", self.data_file)
-        rows = read_table(path)
-        if rows:
-            missing = sorted({"index", "video", "question", "answer", "dimensions"} - set(rows[0]))
-            if missing:
-                raise InputError(f"{path} lacks column(s) {missing} (columns: {sorted(rows[0])})")
-        yield from rows
+        yield from self.read_records((TSV,), ("index", "video", "question", "answer", "dimensions"))
 
     def record_id(self, rec: dict[str, Any], position: int) -> str:
         return text_field(rec, "index")

@@ -36,10 +36,8 @@ from explain_prune.benchmarks.extract import (
 from explain_prune.benchmarks.video_base import (
     RowError,
     VideoBenchmark,
-    find_data_file,
     grouped_mean,
     percent,
-    read_table,
     text_field,
 )
 from explain_prune.benchmarks.wups import Wups
@@ -64,13 +62,7 @@ class _NExTQA(VideoBenchmark):
         """Released data files to look for, relative to the root."""
 
     def records(self) -> Iterator[dict[str, Any]]:
-        path = find_data_file(self.root, self.data_candidates(), "NExT-QA", self.data_file)
-        rows = read_table(path)
-        if rows:
-            missing = sorted(set(self.required) - set(rows[0]))
-            if missing:
-                raise InputError(f"{path} lacks column(s) {missing} (columns: {sorted(rows[0])})")
-        yield from rows
+        yield from self.read_records(self.data_candidates(), self.required)
 
     def record_id(self, rec: dict[str, Any], position: int) -> str:
         return f"{text_field(rec, 'video')}_{text_field(rec, 'qid')}"

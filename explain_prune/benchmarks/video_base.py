@@ -24,20 +24,15 @@ import abc
 import ast
 import json
 import math
-import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 
-from explain_prune.benchmarks.base import Benchmark
-from explain_prune.core import InputError, Sample, SampleError
+from explain_prune.benchmarks.base import Benchmark, require_columns
+from explain_prune.core import InputError, RowError, Sample, SampleError, resolve_data_root
 from explain_prune.benchmarks.base import percent  # noqa: F401  (re-exported to the benchmark modules)
 from explain_prune.data.video import SAMPLING_RULES
-
-
-class RowError(ValueError):
-    """One record cannot become a sample; turned into a `SampleError` carrying this message."""
 
 
 # --- small value helpers ------------------------------------------------------------------------
@@ -80,19 +75,6 @@ def list_field(value: Any, what: str) -> list[str]:
 
 
 # --- files ----------------------------------------------------------------------------------------
-
-
-def resolve_root(root: str | Path | None, env_var: str, benchmark: str) -> Path:
-    """The configured root, else `$env_var`; InputError when neither is set."""
-    if root not in (None, ""):
-        return Path(str(root)).expanduser()
-    env = os.environ.get(env_var)
-    if env:
-        return Path(env).expanduser()
-    raise InputError(
-        f"{benchmark}: no data root — set benchmark.root (or the {env_var} environment variable) "
-        f"to the directory holding the released data"
-    )
 
 
 def find_data_file(root: Path, candidates: Sequence[str], benchmark: str, data_file: str | Path | None = None) -> Path:
@@ -191,7 +173,7 @@ class VideoBenchmark(Benchmark):
         data_file: str | None = None,
         video_dir: str | None = None,
     ):
-        super().__init__(resolve_root(root, self.env_var, self.name))
+        super().__init__(resolve_data_root(root, self.name, "benchmark.root", env_var=self.env_var))
         self.limit = None if limit is None else int(limit)
         if max_new_tokens is not None:
             self.max_new_tokens = int(max_new_tokens)
@@ -221,6 +203,19 @@ class VideoBenchmark(Benchmark):
         """A stable id for the record (used for errors too)."""
 
     # --- shared behaviour -----------------------------------------------------------------------
+    def read_records(
+        self, candidates: Sequence[str], required: Iterable[str] | Callable[[set[str]], Iterable[str]]
+    ) -> list[dict[str, Any]]:
+        """The rows of the released data file (`data_file`, else the first of `candidates` under the
+        root), which must have the `required` columns (or a function of the file's columns giving
+        them, for a benchmark released in several layouts)."""
+        path = find_data_file(self.root, candidates, self.name, self.data_file)
+        rows = read_table(path)
+        if rows:
+            columns = set(rows[0])
+            require_columns(path, columns, required(columns) if callable(required) else required)
+        return rows
+
     def describe(self) -> dict[str, Any]:
         """What results.json records about the benchmark."""
         return {

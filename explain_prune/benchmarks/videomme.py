@@ -38,13 +38,11 @@ from explain_prune.benchmarks.base import Record
 from explain_prune.benchmarks.video_base import (
     RowError,
     VideoBenchmark,
-    find_data_file,
     grouped_mean,
     list_field,
-    read_table,
     text_field,
 )
-from explain_prune.core import InputError, Sample
+from explain_prune.core import Sample
 from explain_prune.benchmarks.base import BENCHMARKS
 
 DURATIONS = ("short", "medium", "long")
@@ -85,6 +83,12 @@ def extract_characters_regex(prediction: str) -> str:
     return match.group(0) if match else ""
 
 
+def required_columns(columns: set[str]) -> tuple[str, ...]:
+    """Two released layouts: the parquet's videoID/options and the TSV's video/candidates."""
+    layout = ("videoID", "options") if "options" in columns or "videoID" in columns else ("video", "candidates")
+    return ("question", "answer", "duration", "domain", "task_type", *layout)
+
+
 def videomme_prompt(question: str, options: list[str]) -> str:
     return FRAMES_TMPL_NOSUB + "\n" + "Question: " + question + "\n" + "\n".join(options) + "\nAnswer:"
 
@@ -99,16 +103,7 @@ class VideoMME(VideoBenchmark):
     video_extensions = (".mp4", ".MP4", ".mkv")
 
     def records(self) -> Iterator[dict[str, Any]]:
-        path = find_data_file(self.root, (PARQUET, TSV), "Video-MME", self.data_file)
-        rows = read_table(path)
-        if rows:
-            has = set(rows[0])
-            needed = {"question", "answer", "duration", "domain", "task_type"}
-            needed |= {"videoID", "options"} if "options" in has or "videoID" in has else {"video", "candidates"}
-            missing = sorted(needed - has)
-            if missing:
-                raise InputError(f"{path} lacks column(s) {missing} (columns: {sorted(has)})")
-        yield from rows
+        yield from self.read_records((PARQUET, TSV), required_columns)
 
     def record_id(self, rec: dict[str, Any], position: int) -> str:
         for key in ("question_id", "index"):

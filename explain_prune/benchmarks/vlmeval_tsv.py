@@ -25,7 +25,6 @@ import ast
 import base64
 import binascii
 import io
-import os
 import re
 import string
 from collections import Counter, OrderedDict
@@ -36,26 +35,17 @@ from typing import Any, Iterator
 import pandas as pd
 from PIL import Image
 
-from explain_prune.benchmarks.base import Benchmark
-from explain_prune.core import InputError, Sample, SampleError
+from explain_prune.benchmarks.base import Benchmark, require_columns
+from explain_prune.core import InputError, RowError, Sample, SampleError, resolve_data_root
 from explain_prune.benchmarks.base import percent  # noqa: F401  (re-exported to the benchmark modules)
 
 IMAGE_REF_MAX_CHARS = 64  # an `image` value this short is the index of another row
 OPTION_LETTERS = tuple(string.ascii_uppercase)
 
 
-class RowError(ValueError):
-    """A single row cannot be used; becomes a `SampleError` carrying this message."""
-
-
 def resolve_root(root: str | Path | None = None) -> Path:
     """Data root: the configured `root`, else `$LMUData`, else `~/LMUData` (VLMEvalKit's default)."""
-    if root not in (None, ""):
-        return Path(str(root)).expanduser()
-    env = os.environ.get("LMUData")
-    if env:
-        return Path(env).expanduser()
-    return Path("~/LMUData").expanduser()
+    return resolve_data_root(root, "VLMEvalKit benchmark", "benchmark.root", env_var="LMUData", default="~/LMUData")
 
 
 def find_tsv(root: str | Path, dataset: str) -> Path:
@@ -161,9 +151,7 @@ class VLMEvalTable:
         self.path = Path(path)
         self.image_dir = Path(image_dir)
         frame = read_tsv(self.path)
-        for col in ("index", "question"):
-            if col not in frame.columns:
-                raise InputError(f"{self.path} has no '{col}' column (columns: {list(frame.columns)})")
+        require_columns(self.path, frame.columns, ("index", "question"))
         if "image" not in frame.columns and "image_path" not in frame.columns:
             raise InputError(f"{self.path} has neither an 'image' nor an 'image_path' column")
         self.columns = list(frame.columns)
@@ -267,8 +255,7 @@ class VLMEvalImageBenchmark(Benchmark):
 
     def load(self, limit: int | None = None) -> Iterator[Sample | SampleError]:
         table = VLMEvalTable(self.tsv_path, image_dir=self.root / "images" / self.tsv_name)
-        if "answer" not in table.columns:
-            raise InputError(f"{table.path} has no 'answer' column (a test split without ground truth?)")
+        require_columns(table.path, table.columns, ("answer",), why=": a test split without ground truth?")
         n = self.limit if limit is None else int(limit)
         for i, row in enumerate(table.rows()):
             if n is not None and i >= n:

@@ -15,6 +15,11 @@ class InputError(ValueError):
     """
 
 
+class RowError(ValueError):
+    """One record of a dataset or benchmark cannot become a sample; its reader yields a SampleError
+    carrying this message in the record's place."""
+
+
 @dataclass
 class SampleError:
     """A row of a dataset or benchmark that could not be read: counted with its reason, never scored."""

@@ -1,4 +1,5 @@
-"""Atomic file writes and JSON reads with one-line errors: nothing half-written, every bad file named."""
+"""Atomic file writes, JSON reads and data roots, with one-line errors: nothing half-written, every bad
+file or missing setting named."""
 
 from __future__ import annotations
 
@@ -8,6 +9,26 @@ from pathlib import Path
 from typing import Any
 
 from explain_prune.core.errors import InputError
+
+RESULTS = "results.json"  # every train and evaluate job's summary, in its run dir
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples -> lists, other objects -> str), for comparing with a saved file."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def resolve_data_root(
+    root: str | Path | None, owner: str, key: str, env_var: str | None = None, default: str | None = None
+) -> Path:
+    """Where a benchmark's or source's released files are: the configured `root`, else `$env_var`, else
+    `default`; with none of them an InputError naming `key`.  Whether the files are there is checked by
+    the lookups that follow, which name the missing file."""
+    for value in (root, os.environ.get(env_var) if env_var else None, default):
+        if value not in (None, ""):
+            return Path(str(value)).expanduser()
+    variable = f" (or the {env_var} environment variable)" if env_var else ""
+    raise InputError(f"{owner}: no data root: set {key}{variable} to the directory holding the released data")
 
 
 def fsync_dir(directory: Path) -> None:

@@ -12,13 +12,27 @@ moment it arrives and lets it go, so the memory beyond the forward pass is one l
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
+from explain_prune.explain.attention import A0_QUERIES
 from explain_prune.models.base import VLM, VisualPrompt
 
 HEAD_REDUCTIONS = ("grad", "mean")
+
+
+@dataclass
+class RelevanceSettings:
+    """conf/relevance/*.yaml: the settings that determine a cached R_v (part of the cache's config hash)."""
+
+    head_reduce: str = field(default="grad", metadata={"choices": HEAD_REDUCTIONS})
+    clamp: bool = True
+    include_eos: bool = False  # count the end-of-turn token as an answer token
+    max_new_tokens: int = field(default=32, metadata={"minimum": 1})
+    batch_tokens: int = field(default=1, metadata={"minimum": 1})  # answer tokens per backward pass (scripts/bench_relevance.py)
+    a0_query: str = field(default="instruction", metadata={"choices": A0_QUERIES})  # instruction (paper) | last (ablation)
 
 
 def teacher_forced_attentions(

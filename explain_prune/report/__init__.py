@@ -25,10 +25,10 @@ Definitions (docs/report.md):
 WANDB_MODE says otherwise) and, online with wandb-workspaces installed, saves a W&B Report.
 
 Modules, in the order the CLI uses them: collect (results.json -> Job), table (Jobs -> Table of Rows),
-render (Markdown / CSV / LaTeX), plot (the PNG), wandb_log (--wandb), cli (main).
+render (Markdown / CSV / LaTeX), plot (the PNG), wandb_log (--wandb); the command itself is
+explain_prune.stages.report (main).
 """
 
-from explain_prune.report.cli import main, parse_args
 from explain_prune.report.collect import Job, collect_jobs, input_settings
 from explain_prune.report.plot import PLOT, plot_points, write_plot
 from explain_prune.report.render import (
@@ -58,6 +58,6 @@ from explain_prune.report.wandb_log import log_to_wandb, workspace_report
 __all__ = [
     "DEFAULT_METHOD_ORDER", "KINDS", "PAPER_VALUE_KEYS", "PLOT", "Job", "Row", "Table", "avg_key",
     "benchmark_groups", "build_table", "cell", "collect_jobs", "csv_header", "csv_values", "input_settings",
-    "latex_escape", "layer_star", "log_to_wandb", "main", "notes", "parse_args", "plot_points", "render_csv",
+    "latex_escape", "layer_star", "log_to_wandb", "notes", "plot_points", "render_csv",
     "render_latex", "render_markdown", "table_columns", "workspace_report", "write_plot",
 ]

@@ -1,5 +1,5 @@
-"""`python -m explain_prune.report <sweep dir> [--out DIR] [--wandb] [--project NAME]` (explain_prune.report.cli)."""
+"""`python -m explain_prune.report <sweep dir> [--out DIR] [--wandb] [--project NAME]` (the body: explain_prune.stages.report)."""
 
-from explain_prune.report.cli import main
+from explain_prune.stages.report import main
 
 main()

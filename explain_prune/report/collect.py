@@ -10,8 +10,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from explain_prune.benchmarks.runner import RESULTS
-from explain_prune.core import InputError
+from explain_prune.core import RESULTS, InputError
 
 
 @dataclass

@@ -8,7 +8,7 @@ import io
 import itertools
 from typing import Any
 
-from explain_prune.benchmarks.runner import RESULTS
+from explain_prune.core import RESULTS
 from explain_prune.report.table import Row, Table, avg_key
 
 SCORE_PLACES = {"mmbench_video": 2}  # its judge's 0-3 mean score: the paper prints 2 decimals (0.41 vs 0.38)

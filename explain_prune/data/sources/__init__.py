@@ -9,7 +9,7 @@ gives the same items.  `conf/data/<name>.yaml` selects one:
     annotation   annotation file(s) relative to root; null = the source's default layout
     limit        keep the first n rows after selection (synthetic: the number of samples)
     seed         seeds the balanced / budgeted draws (synthetic: the generator stream)
-    strict       read by the caller (explain.collect): fail on the first SampleError
+    strict       read by the caller (stages.generate): fail on the first SampleError
 
 and, per source: `subsets`, `balanced_per_part`, `group_totals` (infinity_mm, llava_video),
 `tasks` (llava_video), `generator` (synthetic).  `name` names the cache directory.  See
@@ -27,7 +27,7 @@ from explain_prune.data.sources.infinity_mm import InfinityMMSource  # importing
 from explain_prune.data.sources.llava_video import LLaVAVideoSource
 from explain_prune.data.sources.synthetic import SyntheticSource
 
-COMMON_KEYS = ("name", "source", "strict", "auto_generate")  # read by the caller (explain.collect, train), not the source
+COMMON_KEYS = ("name", "source", "strict", "auto_generate")  # read by the caller (stages.generate, stages.train), not the source
 
 
 def _plain(data_cfg: Any) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from typing import Any
 
 from PIL import Image
 
-from explain_prune.core import InputError, Sample, SampleError
+from explain_prune.core import InputError, RowError, Sample, SampleError, resolve_data_root
 from explain_prune.core.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,6 @@ ANSWER_ROLES = ("gpt", "assistant")
 MARKER_RE = re.compile(r"<(?:image|video)>")
 OPTION_LINE_RE = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])[.)])\s+(\S.*?)\s*$")
 REFERENCE_LETTER_RE = re.compile(r"^\s*(?:\(([A-Z])\)|\[([A-Z])\]|([A-Z])(?=[.:,)]|\s*$))")
-
-
-class RowError(ValueError):
-    """One row cannot become a sample; the source yields a `SampleError` with this message."""
 
 
 # --- entries and the source base class ------------------------------------------------------------
@@ -123,10 +119,9 @@ class Source(abc.ABC):
 # --- options ------------------------------------------------------------------------------------
 
 
-def resolve_root(root: str | Path | None, source: str) -> Path:
-    if root in (None, ""):
-        raise InputError(f"data source {source!r} needs data.root (the downloaded dataset directory)")
-    path = Path(str(root)).expanduser()
+def dataset_root(root: str | Path | None, source: str) -> Path:
+    """The source's dataset directory (`data.root`, which must exist: the annotation is read at once)."""
+    path = resolve_data_root(root, f"data source {source!r}", "data.root")
     if not path.is_dir():
         raise InputError(
             f"data source {source!r}: root {path} is not a directory (set data.root, or EXPLAIN_PRUNE_DATA "

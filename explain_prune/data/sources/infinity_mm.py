@@ -49,7 +49,7 @@ from explain_prune.data.sources.common import (
     open_image,
     read_rows,
     record_ids,
-    resolve_root,
+    dataset_root,
     select,
 )
 
@@ -67,7 +67,7 @@ class InfinityMMSource(Source):
         limit: int | None = None,
         seed: int = 0,
     ):
-        path = resolve_root(root, self.name)
+        path = dataset_root(root, self.name)
         files = annotation_paths(path, annotation, self.name)
         wanted = name_list(subsets, "data.subsets")
         entries = self._file_entries(path, files) if files else self._directory_entries(path, wanted)

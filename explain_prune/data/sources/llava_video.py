@@ -53,7 +53,7 @@ from explain_prune.data.sources.common import (
     name_list,
     read_rows,
     record_ids,
-    resolve_root,
+    dataset_root,
     select,
 )
 
@@ -107,7 +107,7 @@ class LLaVAVideoSource(Source):
         limit: int | None = None,
         seed: int = 0,
     ):
-        path = resolve_root(root, self.name)
+        path = dataset_root(root, self.name)
         task_list = name_list(list(tasks) if tasks is not None else list(DEFAULT_TASKS), "data.tasks") or []
         bad = sorted(set(task_list) - set(TASKS))
         if bad:

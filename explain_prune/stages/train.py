@@ -1,5 +1,7 @@
 """What `python -m explain_prune.train` does, as plain functions of the composed config.
 
+run(cfg, output_dir): the cache ensured (built when `data.auto_generate`), then fit or validate.
+
 fit(cfg, cache_dirs): caches opened and verified -> datamodule -> CompressorModule -> Trainer.fit
   (resuming from cfg.ckpt_path) -> the best f_θ exported as <output_dir>/compressor.safetensors ->
   <output_dir>/results.json.
@@ -14,13 +16,15 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from explain_prune.core import InputError
+from explain_prune.cli import set_torch_threads
+from explain_prune.core import RESULTS, InputError
 from explain_prune.data.cache import CacheReader
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -129,7 +133,7 @@ def _metrics_file(trainer: Any) -> str | None:
 
 
 def _write_results(output_dir: Path, results: dict[str, Any]) -> Path:
-    path = output_dir / "results.json"
+    path = output_dir / RESULTS
     path.write_text(json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")
     return path
 
@@ -282,3 +286,80 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
 
 
 __all__ = ["fit", "validate", "open_caches", "build_datamodule", "build_trainer", "expect_meta", "summary_lines"]
+
+
+PATH_KEYS = ("paths.root_dir", "paths.log_dir", "paths.cache_root")
+
+
+def _path_overrides() -> list[str]:
+    """The user's `paths.*` overrides, so the suggested generate command writes where we read."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under @hydra.main (compose API)
+        return []
+    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0] in PATH_KEYS]
+
+
+def _is_cache(directory: Path) -> bool:
+    return (directory / "meta.json").is_file()
+
+
+def ensure_cache(cfg: DictConfig) -> list[Any]:
+    """The cache directories this run reads.  When the data config allows it (`auto_generate:
+    true`, the small synthetic default) the cache is built on the spot — or completed, if an
+    interrupted run or a smaller `data.limit` left it short: generation resumes and skips the ids
+    already cached.  Otherwise a missing cache is a one-line InputError naming the generate command."""
+    primary = Path(str(cfg.cache_dir))
+    if cfg.data.get("auto_generate", False):
+        from explain_prune.stages.generate import build_cache
+
+        state = "completing" if _is_cache(primary) else "no relevance cache yet: building"
+        print(f"{state} {primary} from data={cfg.data.name} (data.auto_generate=true)")
+        print(build_cache(cfg).line())
+    if not _is_cache(primary):
+        command = [
+            "python",
+            "-m",
+            "explain_prune.generate",
+            f"model={cfg.model.name}",
+            f"data={cfg.data.name}",
+            f"modality={cfg.modality.name}",
+            *_path_overrides(),
+        ]
+        raise InputError(
+            f"no relevance cache at {primary}; build it with: {' '.join(shlex.quote(c) for c in command)}"
+        )
+    dirs: list[Any] = [str(primary)]
+    for extra in cfg.get("extra_cache_dirs") or []:
+        dirs.append([str(p) for p in extra] if isinstance(extra, (list, ListConfig)) else str(extra))
+    return dirs
+
+
+def _eval_dirs(cfg: DictConfig) -> list[Any] | None:
+    value = cfg.get("eval_cache")
+    if value in (None, ""):
+        return None
+    items = list(value) if isinstance(value, (list, ListConfig)) else [value]
+    for item in items:
+        if not Path(str(item)).is_dir():
+            raise InputError(f"eval_cache directory not found: {item}")
+    return [str(i) for i in items]
+
+
+def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Train (or validate) and print where the results are; returns the results dict."""
+    set_torch_threads(cfg)  # before the cache is built, which can be most of the work
+    eval_dirs = _eval_dirs(cfg)
+    if cfg.get("validate_only"):
+        cache_dirs = ensure_cache(cfg) if eval_dirs is None else []
+        results = validate(cfg, cache_dirs, output_dir, eval_dirs=eval_dirs)
+    else:
+        if eval_dirs is not None:
+            raise InputError("eval_cache is only used with validate_only=true")
+        results = fit(cfg, ensure_cache(cfg), output_dir)
+    if results.get("global_rank", 0) == 0:
+        for line in summary_lines(results):
+            print(line, flush=True)
+    return results

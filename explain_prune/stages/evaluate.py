@@ -21,19 +21,14 @@ from tqdm import tqdm
 
 from explain_prune.engine import flops as flops_lib
 from explain_prune.benchmarks.base import Benchmark, Record
-from explain_prune.core import InputError, SampleError, skip_or_raise, write_json_atomic
+from explain_prune.core import RESULTS, InputError, SampleError, jsonable, skip_or_raise, write_json_atomic
 from explain_prune.engine import generate
 from explain_prune.models.base import VLM
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions.jsonl"
-RESULTS = "results.json"
 TIMING_FIELDS = ("prefill_seconds", "decode_seconds")
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
 
 
 class PredictionLog:
@@ -141,7 +136,7 @@ def evaluate(
                 "prediction": gen.text,
                 "answer": sample.answer,
                 "extracted": benchmark.extract(gen.text, sample.meta),
-                "meta": _jsonable(sample.meta),
+                "meta": jsonable(sample.meta),
                 "num_visual": gen.num_visual,
                 # before the method's transform (VisionZip merges tokens before the LLM): the vanilla reference
                 "num_visual_input": prompt.num_visual,
@@ -156,7 +151,7 @@ def evaluate(
             metrics = None if scores is None else benchmark.sample_metrics(sample.meta, scores)
             if metrics is not None:
                 record["sample_metrics"] = metrics
-            log_file.append(_jsonable(record))
+            log_file.append(jsonable(record))
     return finalize(benchmark, method, out_dir, log_file, llm_dims, judge, run_info, requested)
 
 

@@ -1,7 +1,7 @@
 """`python -m explain_prune.report`: arguments, then collect -> table -> files (+ plot, + W&B).
 
-In its own module, not in `__main__`, so the package can re-export `main` without `-m` running
-an already-imported `__main__` a second time."""
+Not in `report/__main__.py`, so tests can import `main` without `-m` running an already-imported
+`__main__` a second time."""
 
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ from explain_prune.core import InputError, Sample, SampleError, skip_or_raise
 from explain_prune.core.schema import check_dataclass
 from explain_prune.data.cache import CacheWriter
 from explain_prune.engine import generate
-from explain_prune.explain.attention import A0_QUERIES, first_layer_attention
-from explain_prune.explain.relevance import HEAD_REDUCTIONS, relevance
+from explain_prune.explain.attention import first_layer_attention
+from explain_prune.explain.relevance import RelevanceSettings, relevance
 from explain_prune.models.base import VLM
 
 log = logging.getLogger(__name__)
@@ -31,18 +31,6 @@ def in_shard(sample_id: str, shard_id: int, num_shards: int) -> bool:
     """Deterministic split by a hash of the id (stable across runs, machines and orders)."""
     digest = hashlib.sha1(sample_id.encode()).digest()
     return int.from_bytes(digest[:8], "big") % num_shards == shard_id
-
-
-@dataclass
-class RelevanceSettings:
-    """conf/relevance/*.yaml: the settings that determine a cached R_v (part of the cache's config hash)."""
-
-    head_reduce: str = field(default="grad", metadata={"choices": HEAD_REDUCTIONS})
-    clamp: bool = True
-    include_eos: bool = False  # count the end-of-turn token as an answer token
-    max_new_tokens: int = field(default=32, metadata={"minimum": 1})
-    batch_tokens: int = field(default=1, metadata={"minimum": 1})  # answer tokens per backward pass (scripts/bench_relevance.py)
-    a0_query: str = field(default="instruction", metadata={"choices": A0_QUERIES})  # instruction (paper) | last (ablation)
 
 
 @dataclass
