@@ -21,9 +21,9 @@ from explain_prune.core.retention import check_retention
 from explain_prune.core.schema import Param, check_dataclass, check_mapping, check_value
 from explain_prune.data.video import SAMPLING_RULES
 from explain_prune.models import FAMILIES
-from explain_prune.models.base import DTYPES
+from explain_prune.models.base import DTYPES, resolve_device
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # flash_attention_2: refused in check_model with the reason
 
 
 @dataclass
@@ -33,10 +33,12 @@ class ModelConfig:
     name: str = ""
     family: str = field(default="", metadata={"choices": tuple(FAMILIES)})
     pretrained: str | None = None  # hub id or local folder; null: build `tiny` with random weights
-    dtype: str = field(default="float32", metadata={"choices": tuple(DTYPES)})
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (models.base.resolve_device)
+    dtype: str = field(default="auto", metadata={"choices": ("auto", *DTYPES)})  # auto: bfloat16 on cuda, float32 on cpu
     attn_implementation: str = field(default="sdpa", metadata={"choices": ATTN_IMPLEMENTATIONS})
     trust_remote_code: bool = False
     system_prompt: str | None = None
+    conversation: str | None = None  # VILA only: the chat template its checkpoint was trained with (models.vila.adapter)
     tiny: dict | None = None  # architecture of the random-weight model (family-specific keys)
     image: dict | None = None
     video: dict | None = None
@@ -54,6 +56,7 @@ class ImageBudget:
 @dataclass
 class VideoBudget:
     num_frames: int = field(default=8, metadata={"minimum": 1})
+    min_pixels: int | None = field(default=None, metadata={"minimum": 1})  # Qwen2-VL (default 128·28·28, as qwen-vl-utils)
     max_pixels: int | None = field(default=None, metadata={"minimum": 1})
     sampling: str = field(default="linspace", metadata={"choices": SAMPLING_RULES})
 
@@ -97,7 +100,22 @@ def _mapping(where: str, node: Any) -> dict[str, Any]:
 
 def check_model(node: Any) -> None:
     model = _mapping("model", node)
+    if str(model.get("attn_implementation")).startswith("flash_attention"):
+        raise InputError(
+            f"model.attn_implementation: {model['attn_implementation']} is not supported: the engine passes 4-D "
+            "masks for pruned tokens, which flash-attn reads as padding masks; use sdpa (the default)"
+        )
     check_dataclass(ModelConfig, "model", model)
+    resolve_device(model.get("device", "auto"))
+    if model.get("conversation") is not None:
+        if model.get("family") != "vila":
+            raise InputError(f"model.conversation: only the vila family reads it (this model is {model.get('family')!r})")
+        from explain_prune.models.vila.adapter import CONVERSATIONS
+
+        if model["conversation"] not in CONVERSATIONS:
+            raise InputError(
+                f"model.conversation: {model['conversation']!r} is not allowed (allowed: {', '.join(CONVERSATIONS)})"
+            )
     if model.get("pretrained") is None and not model.get("tiny"):
         raise InputError(f"model {model.get('name')!r}: pretrained is null and there is no tiny: architecture to build")
     for key, schema in (("image", ImageBudget), ("video", VideoBudget)):

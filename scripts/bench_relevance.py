@@ -1,228 +1,201 @@
-"""Benchmark: Eq. 1 relevance vs the naive N x N reference, and where relevance spends its time.
+"""Benchmark: memory and time of Eq. 1 relevance at Qwen2-VL-7B's attention shape, in one run.
 
-The variants are timed interleaved, one run of each per round after an untimed warm-up round, so
-the drifts of a shared machine hit them alike; figures are medians over rounds unless said. glibc is
-told to keep freed memory (unless --no-keep-freed-memory): otherwise each run faults in a varying
-number of fresh pages for its N x N maps, a large source of run-to-run spread. Prints (machines are
-noisy, so compare ratios, not seconds):
-  * speed ratio of `relevance` vs `naive_relevance` at ~1000 visual tokens (target >= 20x), and its
-    ceiling (model passes + N x N work) / model passes, with the N x N work — the naive's per-token,
-    per-layer head reduction and N x N product — timed on its own on tensors of the naive's sizes:
-    both pay the model's forward + T backward passes, the naive adds only that work;
-  * the model's forward and backward passes (hook-free, one backward per answer token);
-  * the share of `relevance`'s time outside those passes (head reduction, propagation, copies;
-    target <= 20 %): the per-layer folds timed inside the calls, and two subtractions of the
-    hook-free passes — paired per round, and of the per-variant minima;
-  * per-token hooks vs batched backward (`is_grads_batched`) at equal results.
+The model is a random-weight Qwen2-VL built from a config (no download) with the 7B's attention:
+hidden 3584, 28 query heads x head_dim 128, 4 KV heads, M-RoPE sections (16, 24, 24); the MLP is
+narrowed (`--mlp`, default 512) to keep CPU time sane — it does not change the attention maps.
+For each depth (`--layers`) and visual-token count (`--tokens`), in a fresh subprocess each:
 
-    python scripts/bench_relevance.py [--tokens 1000] [--answer 4] [--repeats 9] [--naive-runs 2]
-                                      [--no-keep-freed-memory]
+* `plain`: an sdpa forward with the graph + one backward per answer token (what any gradient
+  method pays);
+* `relevance`: explain.relevance (per-layer recomputation, `--head-block` heads' maps at a time);
+* `maps kept` (only at N <= `--previous-max`): the previous algorithm, which keeps every layer's
+  eager attention map alive for the answer tokens' backward passes (the time baseline).
+
+Peak memory is the process's resident-set high-water mark during the call minus its resident set
+before it (`/proc/self/clear_refs` resets the mark), on CUDA `torch.cuda.max_memory_allocated`.
+The target is relevance peak <= plain peak + 2 x one layer's attention-map bytes (H * N^2 * 4),
+at every depth.  Ratios are what to compare: seconds vary with the machine.
+
+    python scripts/bench_relevance.py [--tokens 1000 2000 4000 6000] [--layers 2 4] [--answer 4]
+                                      [--mlp 512] [--head-block 4] [--threads 2] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import importlib
-import resource
-import statistics
+import json
+import os
+import subprocess
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
-import torch
-from omegaconf import OmegaConf
-from PIL import Image
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from explain_prune.explain.reference import naive_relevance, relevance_matrix  # noqa: E402
-from explain_prune.explain.relevance import relevance, teacher_forced_attentions  # noqa: E402
-from explain_prune.models import Sample, build_vlm  # noqa: E402
-
-# the module, not the function `explain_prune.explain.relevance` re-exported by the package
-relevance_module = importlib.import_module("explain_prune.explain.relevance")
-
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc <malloc.h> mallopt parameters
+HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128  # Qwen2-VL-7B's language model
 
 
-def keep_freed_memory() -> bool:
-    """Tells glibc to serve every block from the heap (no mmap) and never trim it, so repeated runs
-    reuse the pages freed by the previous ones instead of faulting in fresh pages, a cost that
-    varies from run to run with the heap's state. False where mallopt is missing (not glibc)."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None:
-        return False
-    never = 2 ** (8 * ctypes.sizeof(ctypes.c_int) - 1) - 1  # INT_MAX bytes of free heap top
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, never))
+def build(layers: int, tokens: int, mlp: int, device: str):
+    """The 7B-attention-shaped model on `device` and a prompt of ~`tokens` visual tokens (float32)."""
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+    from PIL import Image
 
+    from explain_prune.core import Sample
+    from explain_prune.models import build_vlm
 
-def minor_page_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def build_inputs(model: str, tokens: int, answer_tokens: int):
-    """The model, a random square image of about `tokens` visual tokens, and random answer ids."""
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / f"{model}.yaml")
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / "tiny_qwen2vl.yaml")
+    cfg.tiny.update(hidden_size=HEADS * HEAD_DIM, intermediate_size=mlp, num_layers=layers, num_heads=HEADS,
+                    num_kv_heads=KV_HEADS, mrope_section=[16, 24, 24], initializer_range=0.02)
+    cfg.llm.head_dim = HEAD_DIM
     side = int((tokens * 28 * 28) ** 0.5) // 28 * 28
     cfg.image.max_pixels = side * side
-    vlm = build_vlm(cfg)
+    vlm = build_vlm(cfg).to(device)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8))
     prompt = vlm.prepare(Sample(id="bench", question="What color is the object ?", images=[image]))
-    answer = torch.randint(20, 200, (answer_tokens,)).tolist()
-    return vlm, prompt, answer
+    prompt.inputs_embeds = prompt.inputs_embeds.to(device)
+    prompt.position_ids = prompt.position_ids.to(device)
+    return vlm, prompt, torch
 
 
-@contextmanager
-def fold_timer():
-    """Swaps relevance's per-layer fold (`_fold_row`, the bookkeeping its hooks run) for a timed
-    wrapper; yields a one-element list holding the seconds spent in it."""
-    seconds = [0.0]
-    fold_row = relevance_module._fold_row
-
-    def timed_fold(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fold_row(*args, **kwargs)
-        finally:
-            seconds[0] += time.perf_counter() - start
-
-    relevance_module._fold_row = timed_fold
-    try:
-        yield seconds
-    finally:
-        relevance_module._fold_row = fold_row
+def plain_passes(vlm, prompt, answer, torch) -> None:
+    """An sdpa forward with the graph and one backward per answer token (input gradients only)."""
+    ids = torch.as_tensor(answer, device=prompt.inputs_embeds.device)
+    embeds = torch.cat([prompt.inputs_embeds, vlm.embed_text(ids[None, :-1])], 1).detach().requires_grad_(True)
+    positions = torch.cat([prompt.position_ids, prompt.next_positions(len(answer) - 1).to(ids.device)], -1)
+    with vlm.attention_implementation("sdpa"), torch.enable_grad():
+        logits = vlm.model(inputs_embeds=embeds, position_ids=positions, use_cache=False, logits_to_keep=len(answer)).logits
+        picked = logits[0].gather(-1, ids[:, None])[:, 0]
+        for t in range(len(answer)):
+            torch.autograd.grad(picked[t], embeds, retain_graph=t < len(answer) - 1)
 
 
-def model_passes(vlm, prompt, answer) -> float:
-    """What relevance and the naive both pay: the eager forward, then one backward per answer token
-    down to layer 0's map, without hooks. Returns the forward's seconds."""
-    start = time.perf_counter()
-    logits, attentions, _ = teacher_forced_attentions(vlm, prompt, answer)
-    forward_seconds = time.perf_counter() - start
+def maps_kept(vlm, prompt, answer, torch):
+    """The previous algorithm: an eager forward keeping every layer's map; per answer token one
+    backward to all maps, folded top-down into the token's row (v <- v + v · mean_h (A ⊙ G)^+)."""
+    ids = torch.as_tensor(answer, device=prompt.inputs_embeds.device)
+    embeds = torch.cat([prompt.inputs_embeds, vlm.embed_text(ids[None, :-1])], 1).detach().requires_grad_(True)
+    positions = torch.cat([prompt.position_ids, prompt.next_positions(len(answer) - 1).to(ids.device)], -1)
+    with vlm.attention_implementation("eager"), torch.enable_grad():
+        out = vlm.model(inputs_embeds=embeds, position_ids=positions, output_attentions=True, use_cache=False,
+                        logits_to_keep=len(answer))
+    picked = out.logits[0].gather(-1, ids[:, None])[:, 0]
+    rows = []
     for t in range(len(answer)):
-        torch.autograd.grad(logits[t], attentions[0], retain_graph=t < len(answer) - 1)
-    return forward_seconds
+        grads = torch.autograd.grad(picked[t], out.attentions, retain_graph=t < len(answer) - 1)
+        row = torch.zeros(embeds.shape[1], device=ids.device)
+        row[prompt.length - 1 + t] = 1.0
+        for attention, grad in zip(reversed(out.attentions), reversed(grads)):
+            weighted = (attention[0] * grad[0]).clamp_(min=0)
+            row = row + torch.matmul(row, weighted).sum(0) / weighted.shape[0]
+        rows.append(row[prompt.visual_index])
+    return torch.stack(rows).mean(0)
 
 
-def naive_sized_maps(vlm, prompt, answer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Random causal, row-stochastic attention maps and their gradients, one [H, N, N] pair per
-    layer with the naive's shapes, dtype and device (the values only keep R finite)."""
-    _, attentions, _ = teacher_forced_attentions(vlm, prompt, answer)
-    heads, length = attentions[0].shape[1], attentions[0].shape[-1]
-    like = {"dtype": attentions[0].dtype, "device": attentions[0].device}
-    maps, grads = [], []
-    for _ in attentions:
-        causal = torch.rand(heads, length, length, **like).tril_()
-        maps.append(causal / causal.sum(-1, keepdim=True))
-        grads.append(torch.randn(heads, length, length, **like))
-    return maps, grads
+def rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def nxn_work(maps: list[torch.Tensor], grads: list[torch.Tensor], num_tokens: int) -> torch.Tensor:
-    """The naive reference's work beyond the model passes: its `relevance_matrix` once per answer token."""
-    for _ in range(num_tokens):
-        matrix = relevance_matrix(maps, grads)
-    return matrix
+def measure_one(args: argparse.Namespace) -> dict:
+    """One variant at one size, in this (fresh) process: seconds and extra peak bytes."""
+    vlm, prompt, torch = build(args.layers[0], args.tokens[0], args.mlp, args.device)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    answer = torch.randint(20, 200, (args.answer,)).tolist()
+    from explain_prune.explain.relevance import relevance
+
+    run = {
+        "plain": lambda: plain_passes(vlm, prompt, answer, torch),
+        "relevance": lambda: relevance(vlm, prompt, answer, head_block=args.head_block, batch_tokens=args.batch_tokens),
+        "maps kept": lambda: maps_kept(vlm, prompt, answer, torch),
+    }[args.one]
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the resident-set high-water mark
+        before = rss_bytes("VmRSS")
+    start = time.perf_counter()
+    result = run()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if cuda else rss_bytes("VmHWM")) - before
+    out = {"variant": args.one, "layers": args.layers[0], "visual": prompt.num_visual, "length": prompt.length,
+           "seconds": seconds, "peak_bytes": peak}
+    if result is not None:
+        out["result"] = [float(v) for v in result]
+    return out
 
 
-@dataclass
-class Run:
-    seconds: float
-    page_faults: int  # minor page faults during the run
-    output: object
+def child(args: argparse.Namespace, variant: str, layers: int, tokens: int) -> dict:
+    command = [sys.executable, __file__, "--one", variant, "--layers", str(layers), "--tokens", str(tokens),
+               "--answer", str(args.answer), "--mlp", str(args.mlp), "--head-block", str(args.head_block),
+               "--batch-tokens", str(args.batch_tokens), "--threads", str(args.threads), "--device", args.device]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if done.returncode != 0:
+        sys.exit(f"{variant} at {layers} layers, {tokens} tokens failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def interleaved(variants: dict[str, Callable[[], object]], rounds: int, runs: dict[str, int]) -> dict[str, list[Run]]:
-    """Times the variants in turn, round after round, after an untimed warm-up round of them all.
-    `runs[name]` limits a slow variant to that many rounds, spread evenly. Returns one Run per
-    timed run of each variant."""
-    schedule = {name: {i * rounds // runs[name] for i in range(runs[name])} if name in runs else set(range(rounds))
-                for name in variants}
-    for fn in variants.values():
-        fn()
-    timings = {name: [] for name in variants}
-    for round_ in range(rounds):
-        for name, fn in variants.items():
-            if round_ in schedule[name]:
-                faults, start = minor_page_faults(), time.perf_counter()
-                output = fn()
-                timings[name].append(Run(time.perf_counter() - start, minor_page_faults() - faults, output))
-    return timings
-
-
-def max_rel_diff(result: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((result - reference).abs().max() / reference.abs().max())
+def gib(n: float) -> str:
+    return f"{n / 2**30:6.2f}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=1000, help="approximate visual tokens")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1000, 2000, 4000, 6000], help="approximate visual tokens")
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--answer", type=int, default=4, help="answer tokens")
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds")
-    parser.add_argument("--naive-runs", type=int, default=2, help="rounds that also run the (slow) naive reference")
-    parser.add_argument("--model", default="tiny_qwen2vl")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is stable on a shared 2-core box)")
-    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep glibc from returning freed memory to the OS (steadier timings)")
+    parser.add_argument("--mlp", type=int, default=512, help="MLP width (narrowed; the 7B's is 18944)")
+    parser.add_argument("--head-block", type=int, default=4)
+    parser.add_argument("--batch-tokens", type=int, default=1)
+    parser.add_argument("--previous-max", type=int, default=1000, help="largest N that also runs the maps-kept baseline")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--one", choices=["plain", "relevance", "maps kept"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    kept = args.keep_freed_memory and keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    vlm, prompt, answer = build_inputs(args.model, args.tokens, args.answer)
-    print(f"model {args.model}: {prompt.num_visual} visual tokens, sequence {prompt.length}, {len(answer)} answer tokens")
-    maps, grads = naive_sized_maps(vlm, prompt, answer)
-
-    def relevance_timing_folds():
-        with fold_timer() as fold_seconds:
-            result = relevance(vlm, prompt, answer)
-        return result, fold_seconds[0]
-
-    naive_runs = min(args.naive_runs, args.repeats)
-    timings = interleaved(
-        {
-            "model": lambda: model_passes(vlm, prompt, answer),
-            "relevance": relevance_timing_folds,
-            "batched": lambda: relevance(vlm, prompt, answer, batch_tokens=len(answer)),
-            "N x N work": lambda: nxn_work(maps, grads, len(answer)),
-            "naive": lambda: naive_relevance(vlm, prompt, answer),
-        },
-        args.repeats,
-        {"naive": naive_runs},
-    )
-    seconds = {name: [run.seconds for run in runs] for name, runs in timings.items()}
-    t = {name: statistics.median(values) for name, values in seconds.items()}
-    t_forward = statistics.median(run.output for run in timings["model"])
-    (r_fast, _), r_batched, r_naive = (timings[name][-1].output for name in ("relevance", "batched", "naive"))
-    fold_share = statistics.median(run.output[1] / run.seconds for run in timings["relevance"])
-    paired_share = statistics.median((rel - model) / rel for rel, model in zip(seconds["relevance"], seconds["model"]))
-    minima_share = (min(seconds["relevance"]) - min(seconds["model"])) / min(seconds["relevance"])
-    ratio, ceiling = t["naive"] / t["relevance"], (t["model"] + t["N x N work"]) / t["model"]
-    faults = ", ".join(f"{name} {statistics.median(run.page_faults for run in runs):.0f}" for name, runs in timings.items())
-
-    print(f"timing: {args.repeats} interleaved rounds after a warm-up round, naive in {naive_runs} of them; medians over rounds")
-    print(f"allocator: freed memory {'kept' if kept else 'returned to the OS'}; minor page faults per run: {faults}")
-    print(f"relevance (hooks, 1 backward/token): {t['relevance']:.3f} s   naive N x N: {t['naive']:.3f} s")
-    print(f"speed ratio relevance / naive: {ratio:.1f}x   (target >= 20x; max rel. diff {max_rel_diff(r_fast, r_naive):.1e})")
-    print(f"ceiling of that ratio: (model passes {t['model']:.3f} s + N x N work {t['N x N work']:.3f} s) / model passes "
-          f"= {ceiling:.1f}x; the measured {ratio:.1f}x is {ratio / ceiling:.0%} of it")
-    print(f"  a bound by construction: both pay the model's forward + {len(answer)} backward passes, the naive adds only "
-          f"the N x N work ({len(maps)} layers x {len(answer)} tokens head reductions and N x N products); "
-          f"check: naive {t['naive']:.3f} s vs {t['model'] + t['N x N work']:.3f} s")
-    print(f"model forward {t_forward:.3f} s + backward passes {t['model'] - t_forward:.3f} s = {t['model']:.3f} s")
-    print("bookkeeping share of relevance (target <= 20 %):")
-    for label, share in (
-        ("folds timed inside the calls, median over rounds of folds / relevance", fold_share),
-        ("paired subtraction, median over rounds of (relevance - model) / relevance", paired_share),
-        ("subtraction of the minima, (min relevance - min model) / min relevance", minima_share),
-    ):
-        print(f"  {label + ':':<76} {share:6.1%}")
-    print(f"batched backward ({len(answer)} tokens at once): {t['batched']:.3f} s -> hooks/batched speed ratio "
-          f"{t['batched'] / t['relevance']:.2f} (>1 means per-token hooks are faster; "
-          f"max rel. diff {max_rel_diff(r_batched, r_naive):.1e})")
+    if args.one:
+        print(json.dumps(measure_one(args)))
+        return
+    print(f"Qwen2-VL-7B attention shape ({HEADS} heads x {HEAD_DIM}, {KV_HEADS} KV heads), MLP {args.mlp}, float32, "
+          f"{args.answer} answer tokens, head_block {args.head_block}, batch_tokens {args.batch_tokens}, "
+          f"{args.threads} threads, {args.device}")
+    print("layers | visual | seq N | plain s | relev. s | rel/plain | plain GiB | relev. GiB | map GiB | "
+          "relev.-plain (maps) | target | maps-kept s | relev./maps-kept | maps-kept GiB | max rel diff")
+    failures = []
+    for layers in args.layers:
+        for tokens in args.tokens:
+            plain = child(args, "plain", layers, tokens)
+            rel = child(args, "relevance", layers, tokens)
+            length = rel["length"]
+            map_bytes = HEADS * length * length * 4
+            excess = (rel["peak_bytes"] - plain["peak_bytes"]) / map_bytes
+            ok = excess <= 2.0
+            if not ok:
+                failures.append(f"{layers} layers, N={length}: relevance peak exceeds plain + 2 maps")
+            line = (f"{layers:6d} | {rel['visual']:6d} | {length:5d} | {plain['seconds']:7.1f} | {rel['seconds']:8.1f} | "
+                    f"{rel['seconds'] / plain['seconds']:9.2f} | {gib(plain['peak_bytes'])}    | {gib(rel['peak_bytes'])}     | "
+                    f"{gib(map_bytes)}  | {excess:+19.2f} | {'ok' if ok else 'MISSED':6s}")
+            if tokens <= args.previous_max:
+                old = child(args, "maps kept", layers, tokens)
+                ref = old["result"]
+                diff = max(abs(a - b) for a, b in zip(rel["result"], ref)) / max(abs(b) for b in ref)
+                line += (f" | {old['seconds']:11.1f} | {rel['seconds'] / old['seconds']:16.2f} | "
+                         f"{gib(old['peak_bytes'])}        | {diff:.1e}")
+            print(line, flush=True)
+    print("target: relevance peak <= plain peak + 2 x one layer's map (H N^2 x 4 B), at every depth")
+    if failures:
+        sys.exit("missed: " + "; ".join(failures))
 
 
 if __name__ == "__main__":

@@ -51,3 +51,36 @@ def test_a_valid_sample_passes_with_its_question_stripped(vlm):
     prompt = vlm.prepare(sample)
     assert prompt.sample_id == "ok" and prompt.num_visual > 0
     assert vlm._read_sample(sample)[0] == "What color is it ?"
+
+
+def translucent_image():
+    """An RGBA image whose left half is fully transparent (with a colour under it) and right half opaque."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(random_image(5, 84, 84).convert("RGBA")).copy()
+    pixels[:, :42, 3] = 0
+    return Image.fromarray(pixels, "RGBA")
+
+
+def test_transparency_is_flattened_as_each_familys_reference_does(vlm, tmp_path):
+    """Qwen2-VL and LLaVA-OneVision composite transparency onto white (transformers' convert_to_rgb,
+    qwen-vl-utils' to_rgb); VILA's own code drops the alpha channel.  From a PIL image or a PNG file."""
+    import numpy as np
+    import torch
+    from transformers.image_transforms import convert_to_rgb
+
+    rgba = translucent_image()
+    rgba.save(tmp_path / "translucent.png")
+    white = np.asarray(convert_to_rgb(rgba, return_numpy=True))
+    dropped = np.asarray(rgba.convert("RGB"))
+    assert not np.array_equal(white, dropped)  # the image tells the two rules apart
+    reference = {"qwen2vl": white, "llava_onevision": white, "vila": dropped}[vlm.family]
+    for given in (rgba, tmp_path / "translucent.png"):
+        _, (image,) = vlm._read_sample(Sample(id="rgba", question="What is this ?", images=[given]))
+        assert image.mode == "RGB" and np.array_equal(np.asarray(image), reference)
+    from PIL import Image
+
+    as_reference = vlm.prepare(Sample(id="ref", question="What is this ?", images=[Image.fromarray(reference)]))
+    flattened = vlm.prepare(Sample(id="rgba", question="What is this ?", images=[rgba]))
+    assert torch.equal(flattened.inputs_embeds, as_reference.inputs_embeds)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 import explain_prune.cli  # noqa: F401  (registers the ${ep.asset:...} resolver the synthetic model config uses)
@@ -20,6 +21,7 @@ from explain_prune.core import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
+CUDA = torch.cuda.is_available()  # the real no-CUDA refusal runs as a subprocess where there is none
 
 
 def composed(stage: str, *overrides: str):
@@ -30,7 +32,12 @@ def composed(stage: str, *overrides: str):
 # (stage, overrides, the start of the one-line message)
 BAD = [
     # model
-    ("evaluate", ["model.dtype=float8"], "model.dtype: 'float8' is not allowed (allowed: float64, float32, bfloat16, float16)"),
+    ("evaluate", ["model.dtype=float8"], "model.dtype: 'float8' is not allowed (allowed: auto, float64, float32, bfloat16, float16)"),
+    ("evaluate", ["model.device=mps"], "model.device: 'mps' is not supported (allowed: auto, cpu, cuda or cuda:N)"),
+    ("evaluate", ["model.device=gpu0"], "model.device: 'gpu0' is not a device (allowed: auto, cpu, cuda or cuda:N)"),
+    ("evaluate", ["model=vila15", "model.conversation=vicuna"], "model.conversation: 'vicuna' is not allowed (allowed: llama_3, llama_3_vila1.5)"),
+    ("evaluate", ["+model.conversation=llama_3"], "model.conversation: only the vila family reads it"),
+    ("generate", ["model.attn_implementation=flash_attention_2"], "model.attn_implementation: flash_attention_2 is not supported"),
     ("evaluate", ["model.attn_implementation=flash"], "model.attn_implementation: 'flash' is not allowed"),
     ("evaluate", ["+model.dtpye=float32"], "model.dtpye: unknown key"),
     ("evaluate", ["model.trust_remote_code=yes"], "model.trust_remote_code: expected bool, got 'yes'"),
@@ -130,6 +137,28 @@ def test_entry_point_stops_before_the_model_loads(tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "job.json").exists()  # nothing claimed, nothing written
 
 
+@pytest.mark.parametrize(("device", "available", "count", "line"), [
+    ("cuda", False, 0, "model.device=cuda: CUDA is not available here"),
+    ("cuda:1", False, 0, "model.device=cuda:1: CUDA is not available here"),
+    ("cuda:7", True, 1, "model.device=cuda:7: this machine has 1 CUDA device(s) (cuda:0 .. cuda:0)"),
+])
+def test_a_device_this_machine_lacks_is_refused_at_config_time(monkeypatch, device, available, count, line):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(InputError) as err:
+        check_config(composed("evaluate", f"model.device={device}"))
+    assert str(err.value).startswith(line) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("device", "dtype", "expect"), [("auto", "auto", ("cpu", "torch.float32")), ("cpu", "float64", ("cpu", "torch.float64"))])
+def test_the_model_is_placed_on_its_device_and_dtype(device, dtype, expect):
+    from explain_prune.models import build_vlm
+
+    cfg = composed("evaluate", "model=tiny_qwen2vl", f"model.device={device}", f"model.dtype={dtype}").model
+    vlm = build_vlm(cfg)
+    assert (vlm.device.type, str(vlm.dtype)) == expect
+
+
 def test_ours_without_f_theta_stops_before_the_model_loads(tmp_path, monkeypatch, capsys):
     from explain_prune import evaluate
 
@@ -146,6 +175,7 @@ def test_ours_without_f_theta_stops_before_the_model_loads(tmp_path, monkeypatch
 @pytest.mark.parametrize(("module", "override", "line"), [
     ("explain_prune.generate", "relevance.head_reduce=grd", "error: relevance.head_reduce: 'grd' is not allowed (allowed: grad, mean)"),
     ("explain_prune.train", "compressor.net.activation=swish", "error: compressor.net.activation: 'swish' is not allowed"),
+    *([] if CUDA else [("explain_prune.generate", "model.device=cuda", "error: model.device=cuda: CUDA is not available here")]),
 ])
 def test_subprocess_one_line_exit_2(tmp_path, module, override, line):
     proc = subprocess.run(

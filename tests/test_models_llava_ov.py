@@ -274,6 +274,33 @@ def test_bad_inputs_raise_input_error_naming_the_input(vlm, tmp_path):
 
 
 # --- (e) the pretrained path ----------------------------------------------------------------------------
+QWEN2_TEXT_CHATML = (  # what the released llava-hf tokenizer_config.json carries: text content only
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_the_processors_chat_template_wins_over_the_tokenizers(vlm, tmp_path):
+    """The released layout: the tokenizer's text-only ChatML in tokenizer_config.json and the processor's
+    template in chat_template.json.  The processor's is used (the tokenizer's would fail on image content)."""
+    import json
+
+    vlm.model.save_pretrained(tmp_path)
+    vlm.tokenizer.save_pretrained(tmp_path)
+    vlm.image_processor.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": QWEN2_TEXT_CHATML}))
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": vlm.chat_template}))
+    cfg = OmegaConf.load(CONFIG)
+    cfg.pretrained = str(tmp_path)
+    loaded = build_vlm(cfg)
+    assert loaded.tokenizer.chat_template == QWEN2_TEXT_CHATML  # the folder reproduces the problem
+    assert loaded.chat_template == vlm.chat_template
+    sample = Sample(id="img", question=QUESTION, images=[random_image(80, 130)])
+    assert torch.equal(loaded.prepare(sample).input_ids, vlm.prepare(sample).input_ids)
+
+
 def test_saved_checkpoint_loads_through_pretrained(vlm, tmp_path):
     vlm.model.save_pretrained(tmp_path)
     vlm.tokenizer.save_pretrained(tmp_path)

@@ -294,3 +294,20 @@ def test_bad_checkpoints_raise_input_error(cfg, checkpoint, tmp_path):
     (patch / "config.json").write_text(json.dumps(top))
     with pytest.raises(InputError, match="728"):
         build_vlm(OmegaConf.merge(cfg, {"pretrained": str(patch)}))
+
+
+def test_the_original_checkpoints_conversation_is_a_config_choice(cfg):
+    """Llama-3-VILA1.5-8B was trained on the NVlabs/VILA vila1.5 branch, whose llama_3 template closes turns
+    with <|end_of_text|> and opens the answer with a *system* header; the -Fix checkpoint (main branch)
+    uses <|eot_id|> and an assistant header.  `model.conversation` picks one (conf/model/vila15.yaml: the
+    original's).  (The tiny vocabulary has no <|end_of_text|>, so the check is on the prompt text.)"""
+    original = build_vlm(OmegaConf.merge(cfg, {"conversation": "llama_3_vila1.5"}))
+    fixed = build_vlm(cfg)
+    header = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant."
+    for vlm, sep, answer_role in ((original, "<|end_of_text|>", "system"), (fixed, "<|eot_id|>", "assistant")):
+        text = vlm.prompt_text("What color?", 1)
+        assert text.startswith(header)
+        assert text.endswith(f"{sep}<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat color?"
+                             f"{sep}<|start_header_id|>{answer_role}<|end_header_id|>\n\n")
+        assert text.count(sep) == 2 and vlm.conversation.sep == sep
+    assert OmegaConf.load(CONF.parent / "vila15.yaml").conversation == "llama_3_vila1.5"

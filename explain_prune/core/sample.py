@@ -11,16 +11,26 @@ from PIL import Image
 from explain_prune.core.errors import InputError
 
 
-def load_image(image: Image.Image | str | Path) -> Image.Image:
-    """An RGB PIL image from a PIL image or a path; one-line InputError if unreadable."""
-    if isinstance(image, Image.Image):
+def to_rgb(image: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """RGB: transparency composited onto `background` (transformers' convert_to_rgb and qwen-vl-utils
+    use white), or dropped when it is None (VILA's own `convert("RGB")`)."""
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if background is None or not has_alpha:
         return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+
+
+def load_image(image: Image.Image | str | Path, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """An RGB PIL image from a PIL image or a path (alpha: see `to_rgb`); one-line InputError if unreadable."""
+    if isinstance(image, Image.Image):
+        return to_rgb(image, background)
     path = Path(image)
     if not path.is_file():
         raise InputError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img, background)
     except Exception as err:  # PIL raises several types for corrupt files
         raise InputError(f"unreadable image {path}: {type(err).__name__}") from None
 

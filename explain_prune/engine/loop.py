@@ -222,7 +222,7 @@ def _prefill(
     state = _collate(prompts)
     cache = KVCache(decoder.num_layers)
     key_live: list[torch.Tensor] = []
-    kept_per_layer = torch.zeros(state.hidden.shape[0], decoder.num_layers, dtype=torch.long)
+    kept_per_layer = torch.zeros(state.hidden.shape[0], decoder.num_layers, dtype=torch.long, device="cpu")
     previous_hidden = None  # [B, L, d]: the previous layer's input (TokenView.previous_hidden)
     for i, layer in enumerate(decoder.layers):
         if i in selector_layers:
@@ -238,7 +238,7 @@ def _prefill(
         mask = _additive_mask(state.live, state.hidden.shape[1], state.hidden.dtype)
         cos_sin = decoder.rotary_emb(state.hidden, state.positions)
         previous_hidden = state.hidden
-        state.hidden = layer(state.hidden, attention_mask=mask, position_embeddings=cos_sin, past_key_values=cache, use_cache=True)
+        state.hidden = layer(state.hidden, attention_mask=mask, position_embeddings=cos_sin, use_cache=True, **{decoder.cache_kwarg: cache})
         key_live.append(state.live.clone())
     last_hidden = decoder.norm(state.hidden)
     logits = _logits(decoder.lm_head(last_hidden if return_logits else last_hidden[:, -1:]))
@@ -249,7 +249,7 @@ def _prefill(
 def _kv_bytes(prefill: _Prefill) -> torch.Tensor:
     """[B] long: each sample's K+V bytes after prefill, counting only its live keys (padding and, in
     "mask" mode, dropped tokens are held but would not be in a per-sample cache)."""
-    kv_bytes = torch.zeros(prefill.kept_per_layer.shape[0], dtype=torch.long)
+    kv_bytes = torch.zeros(prefill.kept_per_layer.shape[0], dtype=torch.long, device="cpu")
     for keys, live in zip(prefill.cache.keys, prefill.key_live):
         per_token = 2 * keys.shape[1] * keys.shape[-1] * keys.element_size()
         kv_bytes += live.sum(1).cpu() * per_token
@@ -271,19 +271,19 @@ def _decode(vlm: VLM, prefill: _Prefill, max_new_tokens: int) -> tuple[list[list
     next_logits = prefill.logits[:, -1]  # [B, V]
     generated: list[list[int]] = [[] for _ in range(batch)]
     step_logits: list[torch.Tensor] = []
-    finished = torch.zeros(batch, dtype=torch.bool)
+    finished = [False] * batch
     for step in range(max_new_tokens):
         step_logits.append(next_logits)
-        token = next_logits.argmax(-1)  # [B]
-        for b in range(batch):
+        token = next_logits.argmax(-1)  # [B], on the device
+        for b, value in enumerate(token.tolist()):  # the one host sync per step: the EOS check
             if not finished[b]:
-                if int(token[b]) in eos:
+                if value in eos:
                     finished[b] = True
                 else:
-                    generated[b].append(int(token[b]))
-        if bool(finished.all()) or step == max_new_tokens - 1:
+                    generated[b].append(value)
+        if all(finished) or step == max_new_tokens - 1:
             break
-        hidden = decoder.embed_tokens(token.to(vlm.device))[:, None]  # [B, 1, d]
+        hidden = decoder.embed_tokens(token)[:, None]  # [B, 1, d]
         pos = (next_position + step)[:, None]  # [B, 1]
         if state.positions.dim() == 3:
             pos = pos[None].expand(3, -1, -1)  # [3, B, 1]: M-RoPE's text positions are equal on all axes
@@ -291,7 +291,7 @@ def _decode(vlm: VLM, prefill: _Prefill, max_new_tokens: int) -> tuple[list[list
         for i, layer in enumerate(decoder.layers):
             key_live[i] = torch.cat([key_live[i], torch.ones(batch, 1, dtype=torch.bool, device=hidden.device)], 1)
             mask = _additive_mask(key_live[i], 1, hidden.dtype)
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, past_key_values=prefill.cache, use_cache=True)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, use_cache=True, **{decoder.cache_kwarg: prefill.cache})
         next_logits = _logits(decoder.lm_head(decoder.norm(hidden))[:, -1])
     _sync(vlm)
     return generated, step_logits, time.perf_counter() - start

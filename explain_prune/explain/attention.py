@@ -20,7 +20,7 @@ def a0_query_index(prompt: VisualPrompt, query: str = "instruction") -> torch.Te
             raise InputError(f"sample {prompt.sample_id!r} has no instruction tokens after its visual span")
         return prompt.instruction_index
     if query == "last":
-        return torch.tensor([prompt.length - 1], dtype=torch.long)
+        return torch.tensor([prompt.length - 1], dtype=torch.long, device="cpu")  # host-side, like instruction_index
     raise InputError(f"A_v^0 query {query!r} unknown (known: {', '.join(A0_QUERIES)})")
 
 

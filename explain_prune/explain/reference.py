@@ -33,7 +33,7 @@ def naive_relevance(
     vlm: VLM, prompt: VisualPrompt, answer_ids: Sequence[int], head_reduce: str = "grad", clamp: bool = True
 ) -> torch.Tensor:
     answer = list(answer_ids)
-    fed = torch.tensor([answer[:-1]], dtype=torch.long)
+    fed = torch.tensor([answer[:-1]], dtype=torch.long, device=vlm.device)
     embeds = torch.cat([prompt.inputs_embeds, vlm.embed_text(fed).to(prompt.inputs_embeds.dtype)], dim=1)
     positions = torch.cat([prompt.position_ids, prompt.next_positions(len(answer) - 1)], dim=-1)
     with vlm.attention_implementation("eager"), torch.enable_grad():

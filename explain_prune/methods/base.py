@@ -42,10 +42,10 @@ def tracked(plan: PrunePlan, layer: int, select: SelectFn) -> Callable[[TokenVie
     def selector(view: TokenView) -> torch.Tensor:
         out = select(view)
         positions, scores = out if isinstance(out, tuple) else (out, None)
-        positions = torch.as_tensor(positions, dtype=torch.long).flatten().to(view.visual_index.device)
+        positions = torch.as_tensor(positions, dtype=torch.long, device=view.visual_index.device).flatten()
         alive = plan.info.get("alive")
         if alive is None:
-            alive = torch.arange(view.num_visual_input, dtype=torch.long)
+            alive = torch.arange(view.num_visual_input, dtype=torch.long, device=view.visual_index.device)
         if alive.numel() != view.visual_index.numel():
             raise RuntimeError(
                 f"layer {layer}: the view has {view.visual_index.numel()} live visual tokens but the plan "

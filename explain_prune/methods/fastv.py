@@ -41,10 +41,10 @@ class FastV(Method):
 
         def select(view: TokenView):
             if self.options["query"] == "last":
-                rows = view.attention(torch.tensor([view.last_index]), layer=k_layer - 1)  # [H, 1, n]
+                rows = view.attention(torch.tensor([view.last_index], device=view.hidden.device), layer=k_layer - 1)  # [H, 1, n]
                 scores = rows.mean(0)[0, view.visual_index]
             else:
-                rows = view.attention(torch.arange(view.length), layer=k_layer - 1)  # [H, n, n]
+                rows = view.attention(torch.arange(view.length, device=view.hidden.device), layer=k_layer - 1)  # [H, n, n]
                 scores = rows.mean(0)[:, view.visual_index].mean(0)
             return view.keep_top(scores, view.budget(self.retention)), scores
 

@@ -178,7 +178,7 @@ class PDrop(Method):
         for layer, ratio in zip(sched.layers, sched.ratios):
 
             def select(view: TokenView, ratio: float = ratio):
-                row = view.attention(torch.tensor([view.last_index]))  # this layer's own weights: [H, 1, n]
+                row = view.attention(torch.tensor([view.last_index], device=view.hidden.device))  # this layer's own weights: [H, 1, n]
                 scores = row.mean(0)[0, view.visual_index]
                 return view.keep_top(scores, view.budget(ratio)), scores
 

@@ -30,8 +30,9 @@ class RandomKeep(Method):
         seed = sample_seed(int(self.options["seed"]), prompt.sample_id)
 
         def select(view: TokenView) -> torch.Tensor:
-            generator = torch.Generator().manual_seed(seed)
-            order = torch.randperm(view.visual_index.numel(), generator=generator)
+            # on the host, so a sample keeps the same tokens on every device
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            order = torch.randperm(view.visual_index.numel(), generator=generator, device="cpu")
             chosen = order[: view.budget(self.retention)].sort().values
             return view.visual_index[chosen.to(view.visual_index.device)]
 

@@ -80,16 +80,16 @@ def zip_tokens(
     n = scores.numel()
     order = torch.argsort(-scores, stable=True)
     dom = order[:dominant]
-    rest_mask = torch.ones(n, dtype=torch.bool)
+    rest_mask = torch.ones(n, dtype=torch.bool, device=scores.device)
     rest_mask[dom] = False
     rest = rest_mask.nonzero().squeeze(-1)  # ascending
     new = embeds.clone()
     targets = rest[:0]
     if contextual > 0:
         step = max(1, rest.numel() // contextual)
-        local_targets = torch.arange(0, rest.numel(), step)[:contextual]
+        local_targets = torch.arange(0, rest.numel(), step, device=scores.device)[:contextual]
         targets = rest[local_targets]
-        is_target = torch.zeros(rest.numel(), dtype=torch.bool)
+        is_target = torch.zeros(rest.numel(), dtype=torch.bool, device=scores.device)
         is_target[local_targets] = True
         others = rest[~is_target]
         if others.numel():
@@ -122,15 +122,16 @@ class VisionZip(Method):
         k = keep_count(self.retention, n)
         dominant, contextual = split_budget(k, self.options["contextual_share"])
         scores, keys = vision_token_scores(vlm, prompt, int(self.options["vision_layer"]))
-        visual = prompt.visual_index.to(prompt.inputs_embeds.device)
+        device = prompt.inputs_embeds.device
+        visual = prompt.visual_index.to(device)
         kept, kept_embeds, targets = zip_tokens(
-            scores, keys, prompt.inputs_embeds[0, visual].detach().cpu(), dominant, contextual
+            scores.to(device), keys.to(device), prompt.inputs_embeds[0, visual].detach(), dominant, contextual
         )
-        keep = torch.ones(prompt.length, dtype=torch.bool)
+        kept, targets, scores = kept.cpu(), targets.cpu(), scores.cpu()  # host-side bookkeeping (one sync)
+        keep = torch.ones(prompt.length, dtype=torch.bool, device="cpu")  # over positions, like visual_index
         keep[prompt.visual_index] = False
         keep[prompt.visual_index[kept]] = True
         new_index = keep.long().cumsum(0) - 1  # old position -> new position (for kept ones)
-        device = prompt.inputs_embeds.device
         keep_dev = keep.to(device)
         embeds = prompt.inputs_embeds[:, keep_dev].clone()
         new_visual = new_index[prompt.visual_index[kept]]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -25,13 +27,47 @@ from explain_prune.data.video import read_sample_frames
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def torch_dtype(name: str) -> torch.dtype:
+DEVICES = "auto, cpu, cuda or cuda:N"
+# Host-side preprocessing (image processors, tokenizers, frame decoding) runs under `with HOST:`, so its
+# tensors are made on the CPU whatever torch's default device is; everything the model reads is then
+# moved to `vlm.device` explicitly (tests/test_device.py runs with the default device set to meta).
+HOST = torch.device("cpu")
+
+
+def resolve_device(name: Any = "auto") -> torch.device:
+    """`model.device`: auto = cuda when available, else cpu; or cpu, cuda, cuda:N.  A device this
+    machine does not have is a one-line InputError (checked when the config is read)."""
+    name = str(name if name not in (None, "") else "auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"model.device: {name!r} is not a device (allowed: {DEVICES})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"model.device: {name!r} is not supported (allowed: {DEVICES})")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise InputError(f"model.device={name}: CUDA is not available here (torch {torch.__version__}, {build}); use device=cpu or auto")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise InputError(f"model.device={name}: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})")
+    return device
+
+
+def torch_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """`model.dtype`: auto = bfloat16 on cuda, float32 on cpu; or an explicit name."""
+    if name == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise InputError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})")
+        raise InputError(f"unknown dtype {name!r} (known: auto, {', '.join(DTYPES)})")
     return DTYPES[name]
 
 
-def load_frames(sample: Sample, num_frames: int, default_rule: str) -> list[Image.Image]:
+def load_frames(
+    sample: Sample, num_frames: int, default_rule: str, background: tuple[int, int, int] | None = None
+) -> list[Image.Image]:
     """The RGB frames of a video sample: its list of images / paths as given, or `num_frames` decoded
     from its file by the sample's rule and clip bounds (`data.video.read_sample_frames`)."""
     frames = sample.video
@@ -39,7 +75,7 @@ def load_frames(sample: Sample, num_frames: int, default_rule: str) -> list[Imag
         frames = read_sample_frames(frames, num_frames, sample.meta, default_rule)
     if not frames:
         raise InputError(f"sample {sample.id!r}: video has no frames")
-    return [load_image(f) for f in frames]
+    return [load_image(f, background) for f in frames]
 
 
 def checkpoint_path(cfg: Any) -> str:
@@ -94,7 +130,7 @@ class DecoderParts:
     """The language model's pieces the engine drives directly (no monkeypatching)."""
 
     embed_tokens: nn.Embedding
-    layers: nn.ModuleList  # HF decoder layers: layer(h, attention_mask=, position_embeddings=, past_key_values=)
+    layers: nn.ModuleList  # HF decoder layers: layer(h, attention_mask=, position_embeddings=, **{cache_kwarg: cache})
     norm: nn.Module
     lm_head: nn.Module
     rotary_emb: nn.Module  # rotary_emb(x, position_ids) -> (cos, sin)
@@ -111,6 +147,13 @@ class DecoderParts:
             rotary_emb=text_model.rotary_emb,
             config=text_model.config,
         )
+
+    @functools.cached_property
+    def cache_kwarg(self) -> str:
+        """The decoder layers' name for the KV cache argument: `cache` from transformers 5.24 on
+        (`past_key_values` is deprecated there and removed in 5.40), `past_key_values` before."""
+        parameters = inspect.signature(self.layers[0].forward).parameters
+        return "cache" if "cache" in parameters else "past_key_values"
 
     @property
     def num_layers(self) -> int:
@@ -143,6 +186,8 @@ class VLM(nn.Module, abc.ABC):
     """
 
     family: str = "base"
+    # what transparent pixels become: composited onto this RGB colour, or dropped when None (core.to_rgb)
+    alpha_background: tuple[int, int, int] | None = None
     num_frames: int  # frames decoded from a video file (set by each family)
     frame_sampling: str  # the frame rule when the sample names none (data.video.read_sample_frames)
 
@@ -174,10 +219,10 @@ class VLM(nn.Module, abc.ABC):
         if sample.video is not None and sample.images:
             raise InputError(f"sample {sample.id!r}: both images and a video given (one visual input per sample)")
         if sample.video is not None:
-            return question, load_frames(sample, self.num_frames, self.frame_sampling)
+            return question, load_frames(sample, self.num_frames, self.frame_sampling, self.alpha_background)
         if not sample.images:
             raise InputError(f"sample {sample.id!r}: no image or video (family {self.family!r} needs a visual input)")
-        return question, [load_image(img) for img in sample.images]
+        return question, [load_image(img, self.alpha_background) for img in sample.images]
 
     @property
     @abc.abstractmethod
@@ -287,4 +332,4 @@ def instruction_positions(
     length = int(input_ids.shape[-1])
     start = (int(visual_index.max()) + 1 if visual_index.numel() else 0) + skip
     end = length - suffix_len
-    return torch.arange(start, max(start, end), dtype=torch.long)
+    return torch.arange(start, max(start, end), dtype=torch.long, device="cpu")  # host-side index, like visual_index

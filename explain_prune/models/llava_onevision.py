@@ -59,6 +59,7 @@ from transformers.utils import cached_file
 
 from explain_prune.core import InputError, Sample
 from explain_prune.models.base import (
+    HOST,
     VLM,
     DecoderParts,
     VisualPrompt,
@@ -145,15 +146,18 @@ def anyres_grid(
 
 
 def checkpoint_chat_template(path: str) -> str | None:
-    """The chat template shipped with a checkpoint (chat_template.jinja or chat_template.json)."""
+    """The processor's chat template shipped with a checkpoint: chat_template.json (the processor's
+    file in the released llava-hf folders), else chat_template.jinja (what transformers 5 saves).
+    It comes before the tokenizer's own template, as in transformers' processor: the released
+    tokenizer carries Qwen2's text-only ChatML, which cannot render image / video content."""
     kw = dict(_raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
-    jinja = cached_file(path, "chat_template.jinja", **kw)
-    if jinja:
-        return Path(jinja).read_text()
     js = cached_file(path, "chat_template.json", **kw)
     if js:
-        return json.loads(Path(js).read_text()).get("chat_template")
-    return None
+        template = json.loads(Path(js).read_text()).get("chat_template")
+        if template:
+            return template
+    jinja = cached_file(path, "chat_template.jinja", **kw)
+    return Path(jinja).read_text() if jinja else None
 
 
 def checkpoint_video_settings(path: str) -> dict[str, Any]:
@@ -187,6 +191,7 @@ class _VisualInput:
 
 class LlavaOneVision(VLM):
     family = "llava_onevision"
+    alpha_background = (255, 255, 255)  # transparency onto white, as its processor (do_convert_rgb) does
 
     def __init__(
         self,
@@ -255,7 +260,7 @@ class LlavaOneVision(VLM):
                 image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(path)
             except OSError as err:
                 raise InputError(f"model {name}: cannot load {path!r}: {str(err).splitlines()[0]}") from None
-            chat_template = tokenizer.chat_template or checkpoint_chat_template(path) or LLAVA_OV_CHAT_TEMPLATE
+            chat_template = checkpoint_chat_template(path) or tokenizer.chat_template or LLAVA_OV_CHAT_TEMPLATE
             video_settings = checkpoint_video_settings(path)
         else:
             tiny = cfg["tiny"]
@@ -366,10 +371,11 @@ class LlavaOneVision(VLM):
 
     def prepare(self, sample: Sample) -> VisualPrompt:
         """Pixels first (they fix the token counts), then the expanded text, its ids and embeddings."""
-        question, images = self._read_sample(sample)
-        visual = self._visual_input(images, video=sample.video is not None)
-        text, question_chars = self._expanded_text(sample.id, question, visual)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        with HOST:
+            question, images = self._read_sample(sample)
+            visual = self._visual_input(images, video=sample.video is not None)
+            text, question_chars = self._expanded_text(sample.id, question, visual)
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids, offsets = torch.tensor([enc["input_ids"]], device=self.device), enc["offset_mapping"]  # [1, L]
         visual_mask = input_ids[0] == visual.token_id  # [L]
         embeds = self._embed(sample.id, input_ids, visual_mask, visual)

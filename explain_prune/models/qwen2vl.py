@@ -23,6 +23,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 
 from explain_prune.core import InputError, Sample
 from explain_prune.models.base import (
+    HOST,
     VLM,
     DecoderParts,
     VisualPrompt,
@@ -39,6 +40,9 @@ from explain_prune.models.vision_attention import (
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 ASSISTANT_OPEN = "<|im_end|>\n<|im_start|>assistant\n"  # closes the user turn, opens the answer
+
+VIDEO_MIN_PIXELS = 128 * 28 * 28  # qwen-vl-utils: frames below this many pixels are upscaled to it
+
 
 def tiny_qwen2vl_config(tiny: Mapping[str, Any], tokenizer: Any, attn_implementation: str) -> Qwen2VLConfig:
     ids = tokenizer.convert_tokens_to_ids
@@ -73,6 +77,7 @@ def tiny_qwen2vl_config(tiny: Mapping[str, Any], tokenizer: Any, attn_implementa
 
 class Qwen2VL(VLM):
     family = "qwen2vl"
+    alpha_background = (255, 255, 255)  # transparency onto white, as transformers and qwen-vl-utils do
 
     def __init__(
         self,
@@ -81,6 +86,7 @@ class Qwen2VL(VLM):
         tokenizer: Any,
         image_processor: Qwen2VLImageProcessorPil,
         video_max_pixels: int,
+        video_min_pixels: int,
         num_frames: int,
         frame_sampling: str,
     ):
@@ -89,6 +95,7 @@ class Qwen2VL(VLM):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.video_max_pixels = int(video_max_pixels)
+        self.video_min_pixels = int(video_min_pixels)
         self.num_frames = int(num_frames)
         self.frame_sampling = frame_sampling
         cfg = model.config
@@ -132,6 +139,7 @@ class Qwen2VL(VLM):
             tokenizer=tokenizer,
             image_processor=image_processor,
             video_max_pixels=int(video_cfg.get("max_pixels", 384 * 28 * 28)),
+            video_min_pixels=int(video_cfg.get("min_pixels", VIDEO_MIN_PIXELS)),
             num_frames=int(modality.get("num_frames") or video_cfg.get("num_frames", 8)),
             frame_sampling=str(modality.get("sampling") or video_cfg.get("sampling", "linspace")),
         )
@@ -159,7 +167,7 @@ class Qwen2VL(VLM):
         """
         proc = self.image_processor
         factor = self.patch * self.merge
-        size = SizeDict(shortest_edge=proc.size.shortest_edge, longest_edge=self.video_max_pixels)
+        size = SizeDict(shortest_edge=self.video_min_pixels, longest_edge=max(self.video_max_pixels, self.video_min_pixels))
         arrays = []
         for frame in frames:
             arr = np.asarray(frame.convert("RGB")).transpose(2, 0, 1)
@@ -178,24 +186,24 @@ class Qwen2VL(VLM):
 
     # --- the contract -----------------------------------------------------------------------------
     def prepare(self, sample: Sample) -> VisualPrompt:
-        question, images = self._read_sample(sample)
+        with HOST:
+            question, images = self._read_sample(sample)
+            if sample.video is not None:
+                pixels, grid = self.video_pixels(images)
+                pad_id, kind = self.video_token_id, 2
+            else:
+                pixels, grid = self.image_pixels(images)
+                pad_id, kind = self.image_token_id, 1
+            pad_token = self.tokenizer.convert_ids_to_tokens(pad_id)
+            counts = (grid.prod(-1) // self.merge**2).tolist()
+            span = "".join(f"<|vision_start|>{pad_token * n}<|vision_end|>" for n in counts)
+            input_ids = self.tokenizer(self.prompt_text(question, span), return_tensors="pt", add_special_tokens=False)[
+                "input_ids"
+            ]
         model = self.model.model
-        if sample.video is not None:
-            pixels, grid = self.video_pixels(images)
-            pad_id, kind = self.video_token_id, 2
-            grids = {"video_grid_thw": grid}
-        else:
-            pixels, grid = self.image_pixels(images)
-            pad_id, kind = self.image_token_id, 1
-            grids = {"image_grid_thw": grid}
-
-        pad_token = self.tokenizer.convert_ids_to_tokens(pad_id)
-        counts = (grid.prod(-1) // self.merge**2).tolist()
-        span = "".join(f"<|vision_start|>{pad_token * n}<|vision_end|>" for n in counts)
-        input_ids = self.tokenizer(self.prompt_text(question, span), return_tensors="pt", add_special_tokens=False)[
-            "input_ids"
-        ]
         device = self.device
+        grid = grid.to(device)
+        grids = {"video_grid_thw" if kind == 2 else "image_grid_thw": grid}
         input_ids = input_ids.to(device)
         visual_mask = input_ids[0] == pad_id
         mm_token_type_ids = (input_ids == pad_id).int() * kind
@@ -205,9 +213,9 @@ class Qwen2VL(VLM):
             embeds = self.decoder.embed_tokens(input_ids)
             pixels = pixels.to(device=device, dtype=self.dtype)
             if kind == 1:
-                feats = model.get_image_features(pixels, grids["image_grid_thw"].to(device)).pooler_output
+                feats = model.get_image_features(pixels, grid).pooler_output
             else:
-                feats = model.get_video_features(pixels, grids["video_grid_thw"].to(device)).pooler_output
+                feats = model.get_video_features(pixels, grid).pooler_output
             feats = torch.cat(feats).to(embeds.dtype)
             if feats.shape[0] != int(visual_mask.sum()):
                 raise InputError(f"sample {sample.id!r}: {feats.shape[0]} visual features for {int(visual_mask.sum())} placeholders")

@@ -105,6 +105,7 @@ def evaluate(
     """Predict every sample not yet in out_dir/predictions.jsonl, then score all of them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    llm_dims = dict(llm_dims)  # a plain dict once: reading a config node costs more per call than the FLOPs sum
     log_file = PredictionLog(out_dir / PREDICTIONS)
     if settings.max_new_tokens:  # the override becomes the benchmark's, so results.json records what ran
         benchmark.max_new_tokens = int(settings.max_new_tokens)

@@ -21,7 +21,7 @@ from explain_prune.core.schema import check_dataclass
 from explain_prune.data.cache import CacheWriter
 from explain_prune.engine import generate
 from explain_prune.explain.attention import first_layer_attention
-from explain_prune.explain.relevance import RelevanceSettings, relevance
+from explain_prune.explain.relevance import RelevanceSettings, cached_settings, relevance
 from explain_prune.models.base import VLM
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,9 @@ def collect(
             _skip(summary, item.id, "empty answer: the model stopped at once", strict)
             continue
         correct = judge_correct(answer.text, item)
-        rv = relevance(vlm, prompt, answer_ids, settings.head_reduce, settings.clamp, settings.batch_tokens)
+        rv = relevance(
+            vlm, prompt, answer_ids, settings.head_reduce, settings.clamp, settings.batch_tokens, head_block=settings.head_block
+        )
         a0 = first_layer_attention(vlm, prompt, settings.a0_query)
         writer.add(item.id, a0, rv, grid=prompt.visual_grid, correct=correct, answer=answer.text)
         summary.cached += 1
@@ -138,7 +140,7 @@ def build_cache(cfg: Any) -> Summary:
     vlm = build_vlm(cfg.model, modality=cfg.modality)
     source = build_source(cfg.data)
     determinants = {
-        "relevance": asdict(settings),
+        "relevance": cached_settings(settings),
         "image": OmegaConf.to_container(cfg.model.get("image", {}), resolve=True),
         "video": OmegaConf.to_container(cfg.model.get("video", {}), resolve=True),
         "modality": OmegaConf.to_container(cfg.modality, resolve=True),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -25,6 +26,7 @@ from transformers import (
 
 from explain_prune.core import InputError, Sample
 from explain_prune.models.base import (
+    HOST,
     VLM,
     DecoderParts,
     VisualPrompt,
@@ -45,17 +47,40 @@ from explain_prune.models.vila.modeling_vila import (
 )
 from explain_prune.models.vision_attention import siglip_token_stats
 
-# llava/conversation.py, llama_3_chat (sep "<|eot_id|>"; the system text is VILA's, verbatim).
+# llava/conversation.py, llama_3_chat (the system text is VILA's, verbatim).
 SYSTEM = (
     "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
     "You are a helpful language and vision assistant. "
     "You are able to understand the visual content that the user provides, "
     "and assist the user with a variety of tasks using natural language."
 )
-SEP = "<|eot_id|>"
 USER_ROLE = "<|start_header_id|>user<|end_header_id|>\n\n"
-ASSISTANT_ROLE = "<|start_header_id|>assistant<|end_header_id|>\n\n"
-ASSISTANT_OPEN = SEP + ASSISTANT_ROLE  # closes the user turn, opens the answer
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """VILA's LLAMA_3 separator style: system + sep, then role + message + sep per turn, the answer's role open."""
+
+    sep: str  # closes every turn, and is the stop string
+    assistant_role: str
+
+    def prompt(self, user_message: str) -> str:
+        return SYSTEM + self.sep + USER_ROLE + user_message + self.assistant_open
+
+    @property
+    def assistant_open(self) -> str:
+        """Closes the user turn and opens the answer (what follows the question)."""
+        return self.sep + self.assistant_role
+
+
+# model.conversation: the llama_3_chat template of the NVlabs/VILA branch a checkpoint was trained with
+CONVERSATIONS = {
+    # main branch: sep <|eot_id|>, an assistant header; Llama-3-VILA1.5-8b-Fix
+    "llama_3": Conversation("<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    # vila1.5 branch: sep <|end_of_text|>, and the answer opened with a *system* header (roles[1]); the
+    # original Llama-3-VILA1.5-8B
+    "llama_3_vila1.5": Conversation("<|end_of_text|>", "<|start_header_id|>system<|end_header_id|>\n\n"),
+}
 IMAGE_TOKEN = "<image>"
 # Placeholder ids written at visual positions of `input_ids` (their embeddings are replaced).  The
 # Llama-3 vocabulary has no "<image>" token; VILA itself uses the out-of-vocabulary id -200 there,
@@ -128,6 +153,7 @@ class Vila(VLM):
         image_processor: VilaImageProcessor,
         num_frames: int,
         frame_sampling: str,
+        conversation: str = "llama_3",
     ):
         super().__init__(name)
         self.model = model.eval()
@@ -135,9 +161,12 @@ class Vila(VLM):
         self.image_processor = image_processor
         self.num_frames = int(num_frames)
         self.frame_sampling = frame_sampling
+        if conversation not in CONVERSATIONS:
+            raise InputError(f"model.conversation: {conversation!r} is not allowed (allowed: {', '.join(CONVERSATIONS)})")
+        self.conversation = CONVERSATIONS[conversation]
         self.placeholder_id = placeholder_token_id(tokenizer)
         self._newline_ids = self._encode("\n", first=False)
-        self._suffix_len = len(tokenizer(ASSISTANT_OPEN, add_special_tokens=False)["input_ids"])
+        self._suffix_len = len(tokenizer(self.conversation.assistant_open, add_special_tokens=False)["input_ids"])
 
     # --- construction -------------------------------------------------------------------------------
     @classmethod
@@ -171,13 +200,13 @@ class Vila(VLM):
             image_processor=image_processor,
             num_frames=int(modality.get("num_frames") or video_cfg.get("num_frames") or default_frames),
             frame_sampling=str(modality.get("sampling") or video_cfg.get("sampling", "linspace")),
+            conversation=str(cfg.get("conversation") or "llama_3"),
         )
 
     # --- prompt ---------------------------------------------------------------------------------------
-    @staticmethod
-    def prompt_text(question: str, num_images: int) -> str:
-        """llama_3 conversation text with one "<image>\\n" per image/frame, ending at the answer."""
-        return SYSTEM + SEP + USER_ROLE + (IMAGE_TOKEN + "\n") * num_images + question + ASSISTANT_OPEN
+    def prompt_text(self, question: str, num_images: int) -> str:
+        """The conversation text with one "<image>\\n" per image/frame, ending where the answer starts."""
+        return self.conversation.prompt((IMAGE_TOKEN + "\n") * num_images + question)
 
     def _encode(self, chunk: str, first: bool) -> list[int]:
         """One text chunk as tokenizer_image_token tokenises it: with the tokenizer's special tokens,
@@ -205,10 +234,12 @@ class Vila(VLM):
 
     def prepare(self, sample: Sample) -> VisualPrompt:
         """Images and video frames alike: one "<image>" and tokens_per_image tokens each."""
-        question, images = self._read_sample(sample)
-        pixels = self.image_processor(images)  # [N, 3, H, W]
         per_image = self.model.tokens_per_image
-        input_ids = self.tokenize(self.prompt_text(question, len(images)), per_image).to(self.device)
+        with HOST:
+            question, images = self._read_sample(sample)
+            pixels = self.image_processor(images)  # [N, 3, H, W]
+            input_ids = self.tokenize(self.prompt_text(question, len(images)), per_image)
+        input_ids = input_ids.to(self.device)
         with torch.no_grad():
             embeds = self.model.embed(input_ids, pixels, self.placeholder_id)
         visual_index = (input_ids[0] == self.placeholder_id).nonzero().squeeze(-1).cpu()
@@ -275,9 +306,9 @@ class Vila(VLM):
 
     @property
     def eos_token_ids(self) -> list[int]:
-        """The LM's eos ids plus <|eot_id|>, VILA's llama_3 stop string."""
+        """The LM's eos ids plus the conversation's separator, VILA's stop string."""
         ids = super().eos_token_ids
-        eot = _token_id(self.tokenizer, SEP)
+        eot = _token_id(self.tokenizer, self.conversation.sep)
         return ids + [int(eot)] if eot is not None and int(eot) not in ids else ids
 
     def visual_token_boxes(self, prompt: VisualPrompt, image_sizes: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
