@@ -2,10 +2,11 @@
 # One-command GPU proof: the GPU-marked exactness tests, then the 7B-shape benchmark (scripts/bench_gpu.py),
 # whose figures go to one JSON.  Exit status != 0 on any failure.
 #
-#   bash scripts/gpu_check.sh [--tiny] [--out FILE]     (--tiny: every step on the CPU, small shapes; CI runs it)
+#   bash scripts/gpu_check.sh [--tiny] [--out FILE]     (default FILE: outputs/gpu_check.json;
+#                                                        --tiny: every step on the CPU, small shapes; CI runs it)
 set -euo pipefail
 tiny=0
-out=gpu_check.json
+out=outputs/gpu_check.json
 while [ $# -gt 0 ]; do
   case "$1" in
     --tiny) tiny=1 ;;
