@@ -6,6 +6,7 @@ import functools
 import logging
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig
@@ -35,6 +36,44 @@ def set_torch_threads(cfg: Any) -> None:
         import torch
 
         torch.set_num_threads(int(threads))
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def unknown_choice(overrides: list[str], conf_dir: Path = CONF_DIR) -> str | None:
+    """The one-line error for the first `group=option` override whose option file does not exist
+    (Hydra's own message for it runs over many lines), or None.  Sweeps `a,b` are split; Hydra's
+    sweep functions (`choice(...)`, `range(...)`) and nested keys are left to Hydra."""
+    for override in overrides:
+        if override.startswith("-") or "=" not in override:
+            continue
+        key, value = override.split("=", 1)
+        key = key.lstrip("+~")
+        group = conf_dir / key
+        if not key or "." in key or "(" in value or not group.is_dir():
+            continue
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        for option in value.split(","):
+            if option and not (group / f"{option}.yaml").is_file():
+                return f"{key}={option}: no such option (allowed: {', '.join(options)})"
+    return None
+
+
+def checked_choices(entry: Callable[[], Any]) -> Callable[[], Any]:
+    """Outermost decorator of a Hydra entry point: an unknown group option on the command line is one
+    line and exit 2, before Hydra composes anything."""
+
+    @functools.wraps(entry)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs:
+            error = unknown_choice(sys.argv[1:])
+            if error is not None:
+                print(f"error: {error}", file=sys.stderr)
+                sys.exit(2)
+        return entry(*args, **kwargs)
+
+    return run
 
 
 def task(fn: Callable[..., Any]) -> Callable[..., Any]:

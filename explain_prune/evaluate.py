@@ -17,11 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from explain_prune import tracking
 from explain_prune.benchmarks import build_benchmark, build_judge
 from explain_prune.stages.evaluate import EvalSettings, evaluate
-from explain_prune.cli import task
+from explain_prune.cli import checked_choices, task
 from explain_prune.methods import build_from_config
 from explain_prune.models import build_vlm
 
 
+@checked_choices
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 @task
 def main(cfg: DictConfig) -> dict:

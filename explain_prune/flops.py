@@ -11,12 +11,13 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from explain_prune.cli import task
+from explain_prune.cli import checked_choices, task
 from explain_prune.core import InputError
 from explain_prune.engine.flops import method_report
 from explain_prune.methods import build_from_config
 
 
+@checked_choices
 @hydra.main(version_base="1.3", config_path="../conf", config_name="flops")
 @task
 def main(cfg: DictConfig) -> None:

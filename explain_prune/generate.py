@@ -8,13 +8,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from explain_prune.cli import task
+from explain_prune.cli import checked_choices, task
 from explain_prune.core import write_json_atomic
 from explain_prune.stages.generate import build_cache
 
 log = logging.getLogger(__name__)
 
 
+@checked_choices
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 @task
 def main(cfg: DictConfig) -> None:

@@ -10,10 +10,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from explain_prune.cli import task
+from explain_prune.cli import checked_choices, task
 from explain_prune.synthetic.fit import fit
 
 
+@checked_choices
 @hydra.main(version_base="1.3", config_path="../conf", config_name="synthetic_fit")
 @task
 def main(cfg: DictConfig) -> None:

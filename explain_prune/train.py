@@ -12,10 +12,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from explain_prune.cli import task
+from explain_prune.cli import checked_choices, task
 from explain_prune.stages.train import run
 
 
+@checked_choices
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @task
 def main(cfg: DictConfig) -> float | None:

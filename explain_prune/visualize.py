@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from explain_prune.cli import task
+from explain_prune.cli import checked_choices, task
 from explain_prune.core import InputError, Sample, load_image
 
 
@@ -76,6 +76,7 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
+@checked_choices
 @hydra.main(version_base="1.3", config_path="../conf", config_name="visualize")
 @task
 def main(cfg: DictConfig) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,9 @@ import torch
 from explain_prune.compress.module import CompressorModule, masked_kl
 from explain_prune.data.cache import CacheReader
 from explain_prune.compress.datamodule import RelevanceDataModule
-from explain_prune.data.planted import write_planted_cache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the planted-cache fixture
+from planted import write_planted_cache  # noqa: E402
 
 EXPECT = {"model": "tiny_qwen2vl", "data": "synthetic", "modality": "image"}
 

@@ -212,3 +212,21 @@ def test_evaluate_prunes_at_the_methods_default(method):
 @pytest.mark.parametrize("value", ["r0.5", "r0.25", "r0.1", "r0.51"])
 def test_retention_group_sets_the_methods_retention(value):
     assert composed("evaluate", "method=fastv", f"retention={value}").method.retention == float(value[1:])
+
+
+@pytest.mark.parametrize(("override", "line"), [
+    ("method=nonexistent", "error: method=nonexistent: no such option (allowed: dart, fastv, gae, ours, pdrop, random, vanilla, visionzip)"),
+    ("baseline=ours", "error: baseline=ours: no such option (allowed: dart, fastv, pdrop, random, visionzip)"),
+])
+def test_an_unknown_group_option_is_one_line_and_exit_2(tmp_path, override, line):
+    proc = subprocess.run([sys.executable, "-m", "explain_prune.evaluate", override], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line], proc.stderr
+
+
+def test_unknown_choice_checks_every_option_of_a_sweep():
+    from explain_prune.cli import unknown_choice
+
+    assert unknown_choice(["-m", "retention=r0.5,r0.25", "method=fastv", "model.dtype=float32"]) is None
+    assert unknown_choice(["-m", "retention=r0.5,r9"]).startswith("retention=r9: no such option")
+    assert unknown_choice(["experiment=table2"]) is None and unknown_choice(["+experiment=nope"]).startswith("experiment=nope")

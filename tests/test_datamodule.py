@@ -11,7 +11,7 @@ from explain_prune.compress.datamodule import (
     RelevanceDataModule,
     split_of,
 )
-from explain_prune.data.planted import write_planted_cache
+from planted import write_planted_cache
 
 EXPECT = {"model": "tiny_qwen2vl", "data": "synthetic", "modality": "image"}
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from explain_prune.compress.network import load_compressor
 from explain_prune.core import InputError
 from explain_prune.data.cache import CacheWriter, make_meta
-from explain_prune.data.planted import write_planted_cache
+from planted import write_planted_cache
 from explain_prune.stages.train import run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 A_v^0 is a positive, spatially correlated vector summing to ~0.3 (attention mass the instruction
 gives to the visual span); R_v = (smooth(A_v^0 / mean))^2 with a 5-tap kernel — a local,
 non-linear rule that f_θ's receptive field (11 tokens) can represent but that the raw attention
-(the A_v^0 baseline) does not match.  Nothing here is used by the real pipeline.
+(the A_v^0 baseline) does not match.  A test fixture (also used by scripts/bench_datamodule.py).
 """
 
 from __future__ import annotations
