@@ -43,15 +43,15 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 def unknown_choice(overrides: list[str], conf_dir: Path = CONF_DIR) -> str | None:
     """The one-line error for the first `group=option` override whose option file does not exist
-    (Hydra's own message for it runs over many lines), or None.  Sweeps `a,b` are split; Hydra's
-    sweep functions (`choice(...)`, `range(...)`) and nested keys are left to Hydra."""
+    (Hydra's own message for it runs over many lines), or None.  Sweeps `a,b` are split; lists
+    (`[a,b]`), Hydra's sweep functions (`choice(...)`), interpolations and quoted values are left to Hydra."""
     for override in overrides:
         if override.startswith("-") or "=" not in override:
             continue
         key, value = override.split("=", 1)
         key = key.lstrip("+~")
         group = conf_dir / key
-        if not key or "." in key or "(" in value or not group.is_dir():
+        if not key or "." in key or any(c in value for c in "[]{}()$'\"") or not group.is_dir():
             continue
         options = sorted(p.stem for p in group.glob("*.yaml"))
         for option in value.split(","):

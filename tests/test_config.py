@@ -230,3 +230,5 @@ def test_unknown_choice_checks_every_option_of_a_sweep():
     assert unknown_choice(["-m", "retention=r0.5,r0.25", "method=fastv", "model.dtype=float32"]) is None
     assert unknown_choice(["-m", "retention=r0.5,r9"]).startswith("retention=r9: no such option")
     assert unknown_choice(["experiment=table2"]) is None and unknown_choice(["+experiment=nope"]).startswith("experiment=nope")
+    assert unknown_choice(["experiment/arm=[vanilla]", "method=choice(fastv,dart)"]) is None  # Hydra's own syntax
+    assert unknown_choice(["experiment/arm=nope"]).startswith("experiment/arm=nope: no such option")
