@@ -156,8 +156,8 @@ def relevance_figures(vlm, shape: str) -> list[dict]:
         if not torch.isfinite(rv).all():
             raise SystemExit(f"relevance at N={prompt.num_visual} is not finite")
         out.append({"visual": prompt.num_visual, "seconds": seconds, "peak_gib_above_model": peak})
-        print(f"relevance N={prompt.num_visual}: {seconds:.2f} s, peak {peak if peak is None else round(peak, 2)} GiB above the model",
-              flush=True)
+        shown = "n/a on cpu" if peak is None else f"{peak:.2f} GiB above the model"
+        print(f"relevance N={prompt.num_visual}: {seconds:.2f} s, peak {shown}", flush=True)
     return out
 
 

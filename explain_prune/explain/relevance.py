@@ -179,9 +179,8 @@ def relevance(
     With per_token=True the rows themselves, [T, N_v].
 
     head_reduce="grad" is the paper's gradient-weighted rule; "mean" is the Table-5 ablation
-    (plain head mean of A, no gradients).  Each recomputed layer runs forward once and one backward
-    per answer token (batch_tokens=1), or forward on k copies of its input and one backward for k
-    tokens at once (batch_tokens=k).
+    (plain head mean of A, no gradients).  With batch_tokens=k each recomputed layer runs forward on
+    k copies of its input and one backward for k answer tokens at once (1: one token at a time).
     """
     if head_reduce not in HEAD_REDUCTIONS:
         raise ValueError(f"head_reduce must be one of {HEAD_REDUCTIONS}, not {head_reduce!r}")
@@ -216,7 +215,7 @@ def relevance(
             for start in range(0, tokens, batch_tokens):
                 chunk = slice(start, min(start + batch_tokens, tokens))
                 rows[chunk], cotangent[chunk] = _layer_backward(
-                    layer, hidden, cos_sin, rows[chunk], cotangent[chunk], clamp, head_block, decoder.num_heads, batch_tokens
+                    layer, hidden, cos_sin, rows[chunk], cotangent[chunk], clamp, head_block, decoder.num_heads
                 )
     per_token_rows = rows[:, prompt.visual_index.to(device)].cpu()
     return per_token_rows if per_token else per_token_rows.mean(0)
@@ -231,22 +230,11 @@ def _layer_backward(
     clamp: bool,
     head_block: int,
     num_heads: int,
-    batch_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One recomputed layer for a chunk of answer tokens: (folded rows [B, N], input cotangents [B, N, d])."""
+    """One recomputed layer for a chunk of B answer tokens, run on B copies of its input [1, N, d]:
+    (folded rows [B, N], input cotangents [B, N, d])."""
     count = rows.shape[0]
     with torch.enable_grad():
-        if batch_tokens == 1:  # forward once, one backward per token (the graph holds no N x N map)
-            x = hidden.detach().requires_grad_(True)
-            fold = LayerFold(rows[:1], clamp, head_block)
-            out = layer(x, attention_mask=None, position_embeddings=cos_sin, relevance_fold=fold)
-            folded, grads = [], []
-            for t in range(count):
-                fold.rows, fold.update = rows[t : t + 1], None
-                (grad,) = torch.autograd.grad(out, x, grad_outputs=cotangent[t : t + 1], retain_graph=t < count - 1)
-                folded.append(fold.folded(num_heads))
-                grads.append(grad)
-            return torch.cat(folded), torch.cat(grads)
         x = hidden.detach().expand(count, *hidden.shape[1:]).clone().requires_grad_(True)
         fold = LayerFold(rows, clamp, head_block)
         out = layer(x, attention_mask=None, position_embeddings=cos_sin, relevance_fold=fold)
