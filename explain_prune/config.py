@@ -76,6 +76,7 @@ STAGE_SETTINGS = {
         Param("batch_size", int, minimum=1),
         Param("max_new_tokens", int | None, minimum=1),
         Param("torch_threads", int | None, minimum=1),
+        Param("num_workers", int | None, minimum=0),
         Param("shard_id", int, minimum=0),
         Param("num_shards", int, minimum=1),
         Param("shard_size", int, minimum=1),

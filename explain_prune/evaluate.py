@@ -18,6 +18,7 @@ from explain_prune import tracking
 from explain_prune.benchmarks import build_benchmark, build_judge
 from explain_prune.stages.evaluate import EvalSettings, evaluate
 from explain_prune.cli import checked_choices, task
+from explain_prune.data.prefetch import resolve_num_workers
 from explain_prune.methods import build_from_config
 from explain_prune.models import build_vlm
 
@@ -43,7 +44,11 @@ def main(cfg: DictConfig) -> dict:
     judge = build_judge(cfg.judge)
     vlm = build_vlm(cfg.model, modality=cfg.modality)
     settings = EvalSettings(
-        limit=cfg.benchmark.get("limit"), strict=cfg.strict, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
+        limit=cfg.benchmark.get("limit"),
+        strict=cfg.strict,
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        num_workers=resolve_num_workers(cfg.num_workers),
     )
     run_info = {
         "model": cfg.model.name,

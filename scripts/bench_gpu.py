@@ -8,8 +8,10 @@ bfloat16, on cuda (a tiny vision tower feeds it: its cost is not what is measure
   prompt and a 5 824-token video prompt (the paper's App. C sizes); the measured prefill speed-up
   beside the one the FLOPs predict (Eq. 4 over the visual tokens of every layer; paper Table 4: 1.60x
   at 25 %);
-* decode tokens/s of the engine at batch 1 and 8, and of HF `generate` at batch 1;
-* relevance (Eq. 1) seconds and peak memory at N = 1 500 and 6 000 visual tokens.
+* decode tokens/s of the engine and of HF `generate` (its prefill included) at batch 1 and 8;
+* relevance (Eq. 1) seconds and peak memory at N = 1 500 and 6 000 visual tokens;
+* a 32-frame video evaluate (four 10 s 720p clips at Qwen2-VL-7B's video budget) in-process and with
+  2 loader workers: samples/s and the model stage's share of the loop.
 
 `--tiny` runs the same steps on the CPU with a 28-layer model of tiny widths and small prompts, so the
 script is exercised in CI.  Writes one JSON of figures (`--out`).
@@ -33,6 +35,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_evaluate / bench_prefetch helpers
 
 from explain_prune.compress.network import FTheta, FThetaConfig, save_compressor  # noqa: E402
 from explain_prune.core import Sample  # noqa: E402
@@ -125,15 +128,17 @@ def decode_rates(vlm, prompt, new_tokens: int) -> dict:
             generate(vlm, [prompt] * batch, None, max_new_tokens=2)  # warm-up
             out = generate(vlm, [prompt] * batch, None, max_new_tokens=new_tokens)
             rates[f"engine_batch{batch}"] = batch * (new_tokens - 1) / out[0].decode_seconds
-        vlm.model.generate(inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids,
-                           attention_mask=prompt.attention_mask, max_new_tokens=2, do_sample=False)
-        sync(vlm)
-        start = time.perf_counter()
-        vlm.model.generate(inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids,
-                           attention_mask=prompt.attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False)
-        sync(vlm)
-        rates["hf_generate_batch1_incl_prefill"] = new_tokens / (time.perf_counter() - start)  # HF: prefill inside
+        for batch in (1, 8):  # one prompt repeated: equal lengths, no padding
+            inputs = dict(inputs_embeds=prompt.inputs_embeds.expand(batch, -1, -1),
+                          position_ids=prompt.position_ids.expand(-1, batch, -1) if prompt.position_ids.dim() == 3
+                          else prompt.position_ids.expand(batch, -1),
+                          attention_mask=prompt.attention_mask.expand(batch, -1), do_sample=False)
+            vlm.model.generate(**inputs, max_new_tokens=2)
+            sync(vlm)
+            start = time.perf_counter()
+            vlm.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            sync(vlm)
+            rates[f"hf_generate_batch{batch}_incl_prefill"] = batch * new_tokens / (time.perf_counter() - start)  # HF: prefill inside
     finally:
         config.eos_token_id = eos
     return rates
@@ -158,6 +163,32 @@ def relevance_figures(vlm, shape: str) -> list[dict]:
         out.append({"visual": prompt.num_visual, "seconds": seconds, "peak_gib_above_model": peak})
         shown = "n/a on cpu" if peak is None else f"{peak:.2f} GiB above the model"
         print(f"relevance N={prompt.num_visual}: {seconds:.2f} s, peak {shown}", flush=True)
+    return out
+
+
+def video_evaluate(vlm, dims, shape: str, workers: int = 2) -> dict:
+    """A Video-MME-layout evaluate (scripts/bench_prefetch.py's clips) in-process and with `workers`
+    loader workers: samples/s and the model stage's share of the loop (encode + generate)."""
+    from bench_evaluate import summarize, timed_job
+    from bench_prefetch import write_fixture
+
+    from explain_prune.benchmarks import build_benchmark
+
+    videos, frames, size = (2, 4, dict(width=320, height=240, seconds=2)) if shape == "tiny" else (4, 32, {})
+    budget = OmegaConf.load(ROOT / "conf" / "model" / "qwen2vl.yaml").video  # the 7B's video budget
+    vlm.video_min_pixels, vlm.video_max_pixels = (28 * 28 * 4, 28 * 28 * 16) if shape == "tiny" else (budget.min_pixels, budget.max_pixels)
+    vlm.num_frames = frames
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_fixture(Path(tmp), videos, **size)
+        method = build_method("vanilla", 1.0)
+        timed_job(vlm, build_benchmark(name="videomme", root=str(root)), method, dims, 1, 0)  # warm-up
+        for arm, n in (("in_process", 0), (f"workers_{workers}", workers)):
+            stats = summarize([timed_job(vlm, build_benchmark(name="videomme", root=str(root)), method, dims, 1, n)], videos)
+            out[arm] = {"samples_per_s": stats["rate"], "model_share": stats["encode"] + stats["generate"],
+                        "waiting_on_preparation_share": stats["prepare"]}
+            print(f"video evaluate ({frames} frames, {arm}): {stats['rate']:.2f} samples/s, model stage "
+                  f"{out[arm]['model_share']:.1%} of the loop, waiting on preparation {stats['prepare']:.1%}", flush=True)
     return out
 
 
@@ -188,6 +219,7 @@ def main() -> None:
     figures["decode_tokens_per_s"] = decode_rates(vlm, prompt_set["image"], 16)
     print(f"decode tokens/s: {figures['decode_tokens_per_s']}", flush=True)
     figures["relevance"] = relevance_figures(vlm, shape)
+    figures["video_evaluate"] = video_evaluate(vlm, dims, shape)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=1))
     print(f"figures: {args.out}")

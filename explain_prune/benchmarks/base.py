@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from explain_prune.core import InputError, Sample, SampleError
+from explain_prune.core import DeferredSample, InputError, Sample, SampleError
 from explain_prune.core.registry import Registry
 
 
@@ -68,6 +68,11 @@ class Benchmark(abc.ABC):
     @abc.abstractmethod
     def load(self, limit: int | None = None) -> Iterator[Sample | SampleError]:
         ...
+
+    def stream(self, limit: int | None = None) -> Iterator[Sample | SampleError | DeferredSample]:
+        """What evaluate reads (data.prefetch): `load`, unless reading a sample is work worth
+        deferring to the loader's workers (`DeferredSample`)."""
+        return self.load(limit)
 
     @abc.abstractmethod
     def extract(self, prediction: str, sample_meta: dict[str, Any]) -> Any:

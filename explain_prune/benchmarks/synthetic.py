@@ -29,9 +29,8 @@ import torch
 from explain_prune.benchmarks.base import Benchmark, Record
 from explain_prune.benchmarks.extract import vqa_normalize_punctuation
 from explain_prune.benchmarks.vlmeval_tsv import grouped_accuracy, percent
-from explain_prune.core import InputError, Sample
-from explain_prune.synthetic.generator import synthetic_config
-from explain_prune.synthetic.generator import make_sample
+from explain_prune.core import DeferredSample, InputError, Sample
+from explain_prune.synthetic.generator import deferred_samples, make_sample, synthetic_config
 from explain_prune.benchmarks.base import BENCHMARKS
 
 BENCHMARK_SEED = 1_000_003  # held-out stream of this benchmark; tests check it is no training stream
@@ -136,10 +135,16 @@ class SyntheticBenchmark(Benchmark):
         if max_new_tokens is not None:
             self.max_new_tokens = int(max_new_tokens)
 
+    def count(self, limit: int | None) -> int:
+        return self.limit if limit is None else min(int(limit), self.limit)
+
     def load(self, limit: int | None = None) -> Iterator[Sample]:
-        count = self.limit if limit is None else min(int(limit), self.limit)
-        for index in range(count):
+        for index in range(self.count(limit)):
             yield make_sample(self.config, self.seed, index)
+
+    def stream(self, limit: int | None = None) -> Iterator[DeferredSample]:
+        """The samples of `load`, rendered only where they are read (in the loader's workers)."""
+        return deferred_samples(self.config, self.seed, self.count(limit))
 
     def extract(self, prediction: str, sample_meta: dict[str, Any]) -> str:
         return first_word(prediction)

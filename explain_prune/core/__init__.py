@@ -10,10 +10,11 @@ from explain_prune.core.io import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from explain_prune.core.sample import Sample, load_image
+from explain_prune.core.sample import DeferredSample, Sample, load_image
 
 __all__ = [
     "RESULTS",
+    "DeferredSample",
     "InputError",
     "RowError",
     "Sample",

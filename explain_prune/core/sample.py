@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from PIL import Image
 
@@ -56,3 +56,13 @@ class Sample:
         if self.video is not None:
             return "video"
         return "image" if self.images else "text"
+
+
+@dataclass(frozen=True)
+class DeferredSample:
+    """A sample made only when it is used: `id` up front, `read()` builds the Sample.  A stream whose
+    reading is real work (the synthetic task renders its images) yields these from `stream()`, so
+    each loader worker reads only its own share (data.prefetch)."""
+
+    id: str
+    read: Callable[[], Sample]

@@ -2,7 +2,10 @@
 
 A `VLM` adapter turns a `Sample` (images or a video + a question) into a `VisualPrompt`: the
 input embeddings of the language model with the visual tokens already scattered in, their
-positions, and where the visual and instruction tokens are.  Everything downstream (the engine,
+positions, and where the visual and instruction tokens are.  It does so in two stages, so the CPU
+work can run in DataLoader workers ahead of the model (`data.prefetch`): `preprocess` (read,
+decode, resize, patchify, tokenize: host tensors, no model) and `encode` (vision tower and
+embeddings on the model's device).  Everything downstream (the engine,
 relevance, every pruning method) only sees `VisualPrompt` and the decoder parts exposed by
 `VLM.decoder`, so a new model family is one new file under `models/`.
 """
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -126,6 +131,28 @@ class VisualPrompt:
 
 
 @dataclass
+class HostInputs:
+    """One sample after the CPU stage (`VLM.preprocess`): host tensors and plain values only, so it
+    travels cheaply from a DataLoader worker (tensors through shared memory).  `VLM.encode` makes
+    the `VisualPrompt` from it on the model's device."""
+
+    sample_id: str
+    modality: str  # "image" | "video"
+    input_ids: torch.Tensor  # [1, L] long; visual positions hold the family's placeholder id
+    visual_index: torch.Tensor  # [N_v] long, ascending
+    instruction_index: torch.Tensor  # [N_u] long, ascending
+    visual_grid: tuple[int, int, int]
+    pixels: dict[str, torch.Tensor]  # the family's vision-tower inputs (kept in VisualPrompt.meta)
+    layout: dict[str, Any] = field(default_factory=dict)  # family-specific plain values (LLaVA-OV segments)
+
+    def pin_memory(self) -> "HostInputs":
+        """Page-locked copies of the tensors (DataLoader(pin_memory=True) calls this on a cuda run)."""
+        return dataclasses.replace(
+            self, input_ids=self.input_ids.pin_memory(), pixels={k: v.pin_memory() for k, v in self.pixels.items()}
+        )
+
+
+@dataclass
 class DecoderParts:
     """The language model's pieces the engine drives directly (no monkeypatching)."""
 
@@ -180,8 +207,8 @@ class VLM(nn.Module, abc.ABC):
     """A multimodal LLM adapter: one subclass per model family.
 
     Subclasses set `self.model` (the underlying transformers model), `self.tokenizer`, the video
-    frame budget (`num_frames`, `frame_sampling`), and implement `prepare` (opening with the shared
-    `_read_sample`) and `decoder`.  `generate_reference` runs the library's own
+    frame budget (`num_frames`, `frame_sampling`), and implement `preprocess` (opening with the
+    shared `_read_sample`; it must not touch `self.model`, see `host_stage`), `encode` and `decoder`.  `generate_reference` runs the library's own
     `generate` on the same prompt, which the tests use as the ground truth for the engine.
     """
 
@@ -197,8 +224,24 @@ class VLM(nn.Module, abc.ABC):
 
     # --- what every family implements -------------------------------------------------
     @abc.abstractmethod
+    def preprocess(self, sample: Sample) -> HostInputs:
+        """The CPU stage: pixels and prompt ids on the host, no model (runs in loader workers)."""
+
+    @abc.abstractmethod
+    def encode(self, host: HostInputs) -> VisualPrompt:
+        """The device stage: vision tower, embeddings and positions on `self.device`."""
+
+    def encode_batch(self, hosts: Sequence[HostInputs]) -> list[VisualPrompt]:
+        """`encode` of several samples (one by one here; a family may batch its vision tower)."""
+        return [self.encode(host) for host in hosts]
+
     def prepare(self, sample: Sample) -> VisualPrompt:
-        """The sample as the family's language model sees it."""
+        """The sample as the family's language model sees it: both stages in this process."""
+        return self.encode(self.preprocess(sample))
+
+    def host_stage(self) -> "HostStage":
+        """`preprocess` without the model, for loader workers."""
+        return HostStage(self)
 
     def question_text(self, sample: Sample) -> str:
         """The family's reading of `sample.question` before the shared checks (default: as given).
@@ -206,7 +249,7 @@ class VLM(nn.Module, abc.ABC):
         return sample.question or ""
 
     def _read_sample(self, sample: Sample) -> tuple[str, list[Image.Image]]:
-        """The one validated prologue of every family's `prepare`: (stripped question, the RGB images,
+        """The one validated prologue of every family's `preprocess`: (stripped question, the RGB images,
         or the video's frames when `sample.video` is set).
 
         One rule for all families, so a bad sample fails the same way whichever model runs it: an
@@ -321,6 +364,20 @@ class VLM(nn.Module, abc.ABC):
         empty = (x[:, 1] <= x[:, 0]) | (y[:, 1] <= y[:, 0])
         rows[empty] = torch.tensor(VLM.NO_PLACE, dtype=torch.float64)
         return rows
+
+
+class HostStage:
+    """`vlm.preprocess` on a copy of the adapter without its `model`: what a DataLoader worker runs.
+    It pickles the processors, tokenizer and settings only, never the weights (forkserver / spawn
+    workers), and a `preprocess` that reached for the model would fail here, not silently copy it."""
+
+    def __init__(self, vlm: VLM):
+        adapter = copy.copy(vlm)  # shallow: shares the processors and tokenizer
+        object.__setattr__(adapter, "_modules", {k: m for k, m in vlm._modules.items() if k != "model"})
+        self.adapter = adapter
+
+    def __call__(self, sample: Sample) -> HostInputs:
+        return self.adapter.preprocess(sample)
 
 
 def instruction_positions(

@@ -62,6 +62,7 @@ from explain_prune.models.base import (
     HOST,
     VLM,
     DecoderParts,
+    HostInputs,
     VisualPrompt,
     checkpoint_path,
     instruction_positions,
@@ -222,7 +223,11 @@ class LlavaOneVision(VLM):
         self.image_token_id = int(cfg.image_token_id)
         self.video_token_id = int(cfg.video_token_id)
         self.tile = int(cfg.vision_config.image_size)
-        self.patches = self.tile // int(cfg.vision_config.patch_size)  # p: base grid side
+        self.patch_size = int(cfg.vision_config.patch_size)
+        # read here: preprocess runs without the model (HostStage)
+        self.vision_aspect_ratio = str(cfg.vision_aspect_ratio)
+        self.grid_pinpoints = [[int(v) for v in pair] for pair in cfg.image_grid_pinpoints]
+        self.patches = self.tile // self.patch_size  # p: base grid side
         self.pooled = math.ceil(self.patches / 2)  # video grid side after 2x2 bilinear pooling
         proc_size = image_processor.size
         if (proc_size.height, proc_size.width) != (self.tile, self.tile):
@@ -307,10 +312,6 @@ class LlavaOneVision(VLM):
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
         )
 
-    @property
-    def vision_aspect_ratio(self) -> str:
-        return str(self.model.config.vision_aspect_ratio)
-
     def image_segments(self, image_sizes: list[tuple[int, int]]) -> list[dict[str, Any]]:
         """Visual-token segments of the images (see the module docstring), in prompt order."""
         p, segments, start = self.patches, [], 0
@@ -321,7 +322,7 @@ class LlavaOneVision(VLM):
                 start += p * p + 1
                 continue
             rows, cols = anyres_grid(
-                size, self.model.config.image_grid_pinpoints, self.tile, p, self.vision_aspect_ratio
+                size, self.grid_pinpoints, self.tile, p, self.vision_aspect_ratio
             )
             segments.append(dict(kind="base", image=i, start=start, t=1, rows=p, cols=p, newline=None))
             start += p * p
@@ -369,27 +370,38 @@ class LlavaOneVision(VLM):
                 raise InputError(f"sample {sample.id!r}: question contains the reserved placeholder {token}")
         return question
 
-    def prepare(self, sample: Sample) -> VisualPrompt:
-        """Pixels first (they fix the token counts), then the expanded text, its ids and embeddings."""
+    def preprocess(self, sample: Sample) -> HostInputs:
+        """Pixels first (they fix the token counts), then the expanded text and its ids."""
         with HOST:
             question, images = self._read_sample(sample)
             visual = self._visual_input(images, video=sample.video is not None)
             text, question_chars = self._expanded_text(sample.id, question, visual)
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids, offsets = torch.tensor([enc["input_ids"]], device=self.device), enc["offset_mapping"]  # [1, L]
-        visual_mask = input_ids[0] == visual.token_id  # [L]
-        embeds = self._embed(sample.id, input_ids, visual_mask, visual)
-        visual_index = visual_mask.nonzero().squeeze(-1).cpu()  # [N_v]
+            input_ids = torch.tensor([enc["input_ids"]])  # [1, L]
+            visual_index = (input_ids[0] == visual.token_id).nonzero().squeeze(-1)  # [N_v]
+        return HostInputs(
+            sample_id=sample.id,
+            modality=sample.modality,
+            input_ids=input_ids,
+            visual_index=visual_index,
+            instruction_index=self._question_index(sample.id, input_ids, visual_index, enc["offset_mapping"], question_chars),
+            visual_grid=visual.grid,
+            pixels=visual.pixels,
+            layout={"visual_segments": visual.segments, "spans": visual.spans},
+        )
+
+    def encode(self, host: HostInputs) -> VisualPrompt:
+        input_ids = host.input_ids.to(self.device)
         return VisualPrompt(
-            inputs_embeds=embeds,
+            inputs_embeds=self._embed(host, input_ids),
             position_ids=torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0),
             attention_mask=torch.ones_like(input_ids),
             input_ids=input_ids,
-            visual_index=visual_index,
-            instruction_index=self._question_index(sample.id, input_ids, visual_index, offsets, question_chars),
-            visual_grid=visual.grid,
-            sample_id=sample.id,
-            meta={**visual.pixels, "visual_segments": visual.segments, "modality": sample.modality},
+            visual_index=host.visual_index,
+            instruction_index=host.instruction_index,
+            visual_grid=host.visual_grid,
+            sample_id=host.sample_id,
+            meta={**host.pixels, "visual_segments": host.layout["visual_segments"], "modality": host.modality},
         )
 
     def _visual_input(self, images: list[Image.Image], video: bool) -> _VisualInput:
@@ -435,16 +447,14 @@ class LlavaOneVision(VLM):
         return expanded.replace(QUESTION_SENTINEL, question), (start, start + len(question))
 
     @torch.no_grad()
-    def _embed(
-        self, sample_id: str, input_ids: torch.Tensor, visual_mask: torch.Tensor, visual: _VisualInput
-    ) -> torch.Tensor:
+    def _embed(self, host: HostInputs, input_ids: torch.Tensor) -> torch.Tensor:
         """[1, L, d]: the LM's token embeddings with the projected visual features scattered at the
         placeholders.  The model's feature counts are checked against the expanded spans, so a
         processor / model disagreement is a one-line error rather than shifted features."""
         model, device = self.model.model, self.device
         embeds = self.decoder.embed_tokens(input_ids)
-        pixels = visual.pixels
-        if visual.video:
+        pixels, spans = host.pixels, host.layout["spans"]
+        if "pixel_values_videos" in pixels:
             out = model.get_video_features(pixels["pixel_values_videos"].to(device=device, dtype=self.dtype))
             feats = out.pooler_output.flatten(0, 1)  # [T * q * q + 1, d]
             feature_lens = [int(feats.shape[0])]
@@ -456,11 +466,13 @@ class LlavaOneVision(VLM):
             )
             feature_lens = [int(f.shape[0]) for f in out.pooler_output]
             feats = torch.cat(out.pooler_output)  # [N_v, d]
-        if feature_lens != visual.spans or int(visual_mask.sum()) != sum(visual.spans):
+        if feature_lens != spans or host.visual_index.numel() != sum(spans):
             raise InputError(
-                f"sample {sample_id!r}: visual features {feature_lens} do not match placeholders {visual.spans} "
+                f"sample {host.sample_id!r}: visual features {feature_lens} do not match placeholders {spans} "
                 f"(image sizes {pixels.get('image_sizes', torch.empty(0)).tolist()})"
             )
+        visual_mask = torch.zeros(input_ids.shape[1], dtype=torch.bool, device=device)
+        visual_mask[host.visual_index.to(device)] = True
         mask = visual_mask.view(1, -1, 1).expand_as(embeds)
         return embeds.masked_scatter(mask, feats.to(embeds.dtype))
 
@@ -544,7 +556,7 @@ class LlavaOneVision(VLM):
         )
 
         p, tile = self.patches, self.tile
-        patch = int(self.model.config.vision_config.patch_size)
+        patch = self.patch_size
 
         def shares(n: int, m: int) -> torch.Tensor:
             """[m, 2] (start, end) of m equal shares of n feature cells, in feature units."""
@@ -576,7 +588,7 @@ class LlavaOneVision(VLM):
             else:  # anyres crops
                 i = int(seg["image"])
                 height, width = sizes[i]
-                best_h, best_w = select_best_resolution([height, width], self.model.config.image_grid_pinpoints)
+                best_h, best_w = select_best_resolution([height, width], self.grid_pinpoints)
                 # the resized image's size inside the canvas, as the processor computes it (no pixels needed)
                 new_h, new_w = get_patch_output_size(np.empty((0, height, width)), (best_h, best_w), ChannelDimension.FIRST)
                 full_h, full_w = p * (best_h // tile), p * (best_w // tile)

@@ -9,7 +9,7 @@ with the temporal patch layout of `Qwen2VLVideoProcessor`.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from explain_prune.models.base import (
     HOST,
     VLM,
     DecoderParts,
+    HostInputs,
     VisualPrompt,
     checkpoint_path,
     instruction_positions,
@@ -185,61 +186,90 @@ class Qwen2VL(VLM):
         return torch.from_numpy(np.ascontiguousarray(patches)), torch.tensor([[gt, gh, gw]])
 
     # --- the contract -----------------------------------------------------------------------------
-    def prepare(self, sample: Sample) -> VisualPrompt:
+    def preprocess(self, sample: Sample) -> HostInputs:
         with HOST:
             question, images = self._read_sample(sample)
-            if sample.video is not None:
-                pixels, grid = self.video_pixels(images)
-                pad_id, kind = self.video_token_id, 2
-            else:
-                pixels, grid = self.image_pixels(images)
-                pad_id, kind = self.image_token_id, 1
+            video = sample.video is not None
+            pixels, grid = self.video_pixels(images) if video else self.image_pixels(images)
+            pad_id = self.video_token_id if video else self.image_token_id
             pad_token = self.tokenizer.convert_ids_to_tokens(pad_id)
             counts = (grid.prod(-1) // self.merge**2).tolist()
             span = "".join(f"<|vision_start|>{pad_token * n}<|vision_end|>" for n in counts)
             input_ids = self.tokenizer(self.prompt_text(question, span), return_tensors="pt", add_special_tokens=False)[
                 "input_ids"
-            ]
-        model = self.model.model
-        device = self.device
-        grid = grid.to(device)
-        grids = {"video_grid_thw" if kind == 2 else "image_grid_thw": grid}
-        input_ids = input_ids.to(device)
+            ]  # [1, L]
+            visual_index = (input_ids[0] == pad_id).nonzero().squeeze(-1)
+        t = int(grid[:, 0].sum())
+        h, w = int(grid[0, 1]) // self.merge, int(grid[0, 2]) // self.merge
+        return HostInputs(
+            sample_id=sample.id,
+            modality=sample.modality,
+            input_ids=input_ids,
+            visual_index=visual_index,
+            instruction_index=instruction_positions(input_ids, visual_index, self._suffix_len, skip=1),
+            visual_grid=(t, h, w),
+            pixels={"pixel_values": pixels, "video_grid_thw" if video else "image_grid_thw": grid},
+        )
+
+    def encode(self, host: HostInputs) -> VisualPrompt:
+        return self.encode_batch([host])[0]
+
+    @torch.no_grad()
+    def encode_batch(self, hosts: Sequence[HostInputs]) -> list[VisualPrompt]:
+        """One vision-tower call per modality for all `hosts` (its attention is per image / temporal
+        patch window, so samples do not mix), then each sample's embeddings and M-RoPE positions."""
+        features: dict[int, list[torch.Tensor]] = {}
+        for video in (False, True):
+            group = [i for i, h in enumerate(hosts) if ("video_grid_thw" in h.pixels) == video]
+            if not group:
+                continue
+            key = "video_grid_thw" if video else "image_grid_thw"
+            grid = torch.cat([hosts[i].pixels[key] for i in group]).to(self.device)  # [sum images, 3]
+            pixels = torch.cat([hosts[i].pixels["pixel_values"] for i in group]).to(device=self.device, dtype=self.dtype)
+            vision = self.model.model.get_video_features if video else self.model.model.get_image_features
+            per_image = list(vision(pixels, grid).pooler_output)  # [tokens of image j, d] each
+            for i in group:
+                n = hosts[i].pixels[key].shape[0]
+                features[i], per_image = per_image[:n], per_image[n:]
+        return [self._assemble(host, torch.cat(features[i])) for i, host in enumerate(hosts)]
+
+    def _assemble(self, host: HostInputs, feats: torch.Tensor) -> VisualPrompt:
+        """The prompt of one sample from its ids and its visual features [N_v, d]."""
+        model, device = self.model.model, self.device
+        video = "video_grid_thw" in host.pixels
+        grid_key, kind = ("video_grid_thw", 2) if video else ("image_grid_thw", 1)
+        grid = host.pixels[grid_key].to(device)
+        input_ids = host.input_ids.to(device)
+        pad_id = self.video_token_id if video else self.image_token_id
         visual_mask = input_ids[0] == pad_id
         mm_token_type_ids = (input_ids == pad_id).int() * kind
         attention_mask = torch.ones_like(input_ids)
-
-        with torch.no_grad():
-            embeds = self.decoder.embed_tokens(input_ids)
-            pixels = pixels.to(device=device, dtype=self.dtype)
-            if kind == 1:
-                feats = model.get_image_features(pixels, grid).pooler_output
-            else:
-                feats = model.get_video_features(pixels, grid).pooler_output
-            feats = torch.cat(feats).to(embeds.dtype)
-            if feats.shape[0] != int(visual_mask.sum()):
-                raise InputError(f"sample {sample.id!r}: {feats.shape[0]} visual features for {int(visual_mask.sum())} placeholders")
-            embeds[0, visual_mask] = feats
-            position_ids, _ = model.get_rope_index(
-                input_ids,
-                mm_token_type_ids,
-                image_grid_thw=grids.get("image_grid_thw", None) if kind == 1 else None,
-                video_grid_thw=grids.get("video_grid_thw", None) if kind == 2 else None,
-                attention_mask=attention_mask,
-            )
-        visual_index = visual_mask.nonzero().squeeze(-1).cpu()
-        t = int(grid[:, 0].sum())
-        h, w = int(grid[0, 1]) // self.merge, int(grid[0, 2]) // self.merge
+        if feats.shape[0] != host.visual_index.numel():
+            raise InputError(f"sample {host.sample_id!r}: {feats.shape[0]} visual features for {host.visual_index.numel()} placeholders")
+        embeds = self.decoder.embed_tokens(input_ids)
+        embeds[0, visual_mask] = feats.to(embeds.dtype)
+        position_ids, _ = model.get_rope_index(
+            input_ids,
+            mm_token_type_ids,
+            image_grid_thw=None if video else grid,
+            video_grid_thw=grid if video else None,
+            attention_mask=attention_mask,
+        )
         return VisualPrompt(
             inputs_embeds=embeds,
             position_ids=position_ids,
             attention_mask=attention_mask,
             input_ids=input_ids,
-            visual_index=visual_index,
-            instruction_index=instruction_positions(input_ids, visual_index, self._suffix_len, skip=1),
-            visual_grid=(t, h, w),
-            sample_id=sample.id,
-            meta={"mm_token_type_ids": mm_token_type_ids, "pixel_values": pixels, **grids, "modality": sample.modality},
+            visual_index=host.visual_index,
+            instruction_index=host.instruction_index,
+            visual_grid=host.visual_grid,
+            sample_id=host.sample_id,
+            meta={
+                "mm_token_type_ids": mm_token_type_ids,
+                "pixel_values": host.pixels["pixel_values"].to(device=device, dtype=self.dtype),
+                grid_key: grid,
+                "modality": host.modality,
+            },
         )
 
     @property

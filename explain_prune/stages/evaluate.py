@@ -9,19 +9,21 @@ or stops the run under strict=true.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from tqdm import tqdm
 
 from explain_prune.engine import flops as flops_lib
 from explain_prune.benchmarks.base import Benchmark, Record
-from explain_prune.core import RESULTS, InputError, SampleError, jsonable, skip_or_raise, write_json_atomic
+from explain_prune.core import RESULTS, InputError, jsonable, skip_or_raise, write_json_atomic
+from explain_prune.data.prefetch import Prefetched, prefetch
 from explain_prune.engine import generate
 from explain_prune.models.base import VLM
 
@@ -62,12 +64,30 @@ class EvalSettings:
     strict: bool = False
     batch_size: int = 1
     max_new_tokens: int | None = None  # None: the benchmark's own
+    num_workers: int = 0  # loader worker processes preparing samples ahead of the model (data.prefetch)
 
 
-def _record_ids(samples: Iterable[Any], ids: list[str]) -> Iterable[Any]:
-    for sample in samples:
-        ids.append(sample.id)
-        yield sample
+def already_logged(logged: frozenset[str], sample_id: str) -> str | None:
+    """The loader's `select` for a resumed job: ids with a line in predictions.jsonl are not prepared again."""
+    return "already logged" if sample_id in logged else None
+
+
+def encode_batch(vlm: VLM, items: list[Prefetched], fail: Callable[[str, str], None]) -> list[tuple[Prefetched, Any]]:
+    """(item, VisualPrompt) for the items whose device stage succeeds: the batch in one call, and,
+    when one sample of it is bad, one at a time so that only that sample is a counted error."""
+    try:
+        return list(zip(items, vlm.encode_batch([item.host for item in items])))
+    except InputError as err:
+        if len(items) == 1:
+            fail(items[0].id, str(err))
+            return []
+    encoded = []
+    for item in items:
+        try:
+            encoded.append((item, vlm.encode(item.host)))
+        except InputError as err:
+            fail(item.id, str(err))
+    return encoded
 
 
 def first_stage_scores(gen: Any, num_visual_input: int) -> Any:
@@ -116,20 +136,27 @@ def evaluate(
         log_file.append({"id": sample_id, "error": reason})
 
     requested: list[str] = []  # every id this job asks for, so finalize can tell a complete run
-    pending = (s for s in _record_ids(benchmark.load(limit=settings.limit), requested) if s.id not in log_file.rows)
-    for batch in tqdm(_batches(pending, settings.batch_size), desc=f"{benchmark.name}/{getattr(method, 'name', 'vanilla')}", unit="batch"):
-        prompts, samples = [], []
-        for sample in batch:
-            if isinstance(sample, SampleError):
-                fail(sample.id, sample.reason)
-                continue
-            try:
-                prompts.append(vlm.prepare(sample))
-                samples.append(sample)
-            except InputError as err:
-                fail(sample.id, str(err))
-        if not prompts:
+    stream = prefetch(
+        functools.partial(benchmark.stream, settings.limit),
+        vlm,
+        settings.num_workers,
+        select=functools.partial(already_logged, frozenset(log_file.rows)),
+    )
+
+    def prepared() -> Iterator[Prefetched]:
+        for item in stream:
+            requested.append(item.id)
+            if item.error is not None:
+                fail(item.id, item.error)
+            elif item.passed is None:
+                yield item
+
+    for batch in tqdm(_batches(prepared(), settings.batch_size), desc=f"{benchmark.name}/{getattr(method, 'name', 'vanilla')}", unit="batch"):
+        encoded = encode_batch(vlm, batch, fail)
+        if not encoded:
             continue
+        samples = [item.sample for item, _ in encoded]
+        prompts = [prompt for _, prompt in encoded]
         generations = generate(vlm, prompts, method, max_new_tokens=max_new)
         for sample, prompt, gen in zip(samples, prompts, generations):
             record = {

@@ -7,18 +7,20 @@ A bad sample is a counted skip with its reason (or stops the run under strict=tr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from tqdm import tqdm
 
-from explain_prune.core import InputError, Sample, SampleError, skip_or_raise
+from explain_prune.core import DeferredSample, InputError, Sample, SampleError, skip_or_raise
 from explain_prune.core.schema import check_dataclass
 from explain_prune.data.cache import CacheWriter
+from explain_prune.data.prefetch import prefetch, resolve_num_workers
 from explain_prune.engine import generate
 from explain_prune.explain.attention import first_layer_attention
 from explain_prune.explain.relevance import RelevanceSettings, cached_settings, relevance
@@ -67,9 +69,16 @@ def _skip(summary: Summary, sample_id: str, reason: str, strict: bool) -> None:
     summary.skipped[reason.split(":")[0][:60]] += 1  # counted by the reason's first clause
 
 
+def generation_select(done: frozenset[str], shard_id: int, num_shards: int, sample_id: str) -> str | None:
+    """The loader's `select`: why a sample is not prepared in this job (None: it is)."""
+    if not in_shard(sample_id, shard_id, num_shards):
+        return "other shard"
+    return "already cached" if sample_id in done else None
+
+
 def collect(
     vlm: VLM,
-    samples: Iterable[Sample | SampleError],
+    samples: Callable[[], Iterable[Sample | SampleError | DeferredSample]],
     writer: CacheWriter,
     settings: RelevanceSettings,
     judge_correct: Any,
@@ -77,26 +86,29 @@ def collect(
     num_shards: int = 1,
     strict: bool = False,
     total: int | None = None,
+    num_workers: int = 0,
 ) -> Summary:
-    """Fill `writer` with (A_v^0, R_v) of every sample of this shard; `judge_correct(prediction,
-    sample) -> bool | None` implements the App. B correctness filter (None: no reference)."""
+    """Fill `writer` with (A_v^0, R_v) of every sample of this shard in `samples()` (the stream is
+    prepared by `num_workers` loader workers, data.prefetch); `judge_correct(prediction, sample) ->
+    bool | None` implements the App. B correctness filter (None: no reference)."""
     summary = Summary()
-    done = writer.done_ids()
     eos = vlm.eos_token_ids[0]
-    for item in tqdm(samples, total=total, desc=f"relevance part {shard_id}/{num_shards}", unit="sample"):
+    select = functools.partial(generation_select, frozenset(writer.done_ids()), shard_id, num_shards)
+    start = time.perf_counter()
+    stream = prefetch(samples, vlm, num_workers, select=select)
+    for item in tqdm(stream, total=total, desc=f"relevance part {shard_id}/{num_shards}", unit="sample"):
         summary.read += 1
-        if not in_shard(item.id, shard_id, num_shards):
+        if item.passed == "other shard":
             summary.other_shards += 1
             continue
-        if item.id in done:
+        if item.passed is not None:
             summary.already_cached += 1
             continue
-        if isinstance(item, SampleError):
-            _skip(summary, item.id, item.reason, strict)
+        if item.error is not None:
+            _skip(summary, item.id, item.error, strict)
             continue
-        start = time.perf_counter()
         try:
-            prompt = vlm.prepare(item)
+            prompt = vlm.encode(item.host)
         except InputError as err:
             _skip(summary, item.id, str(err), strict)
             continue
@@ -108,7 +120,7 @@ def collect(
         if not answer_ids:
             _skip(summary, item.id, "empty answer: the model stopped at once", strict)
             continue
-        correct = judge_correct(answer.text, item)
+        correct = judge_correct(answer.text, item.sample)
         rv = relevance(
             vlm, prompt, answer_ids, settings.head_reduce, settings.clamp, settings.batch_tokens, head_block=settings.head_block
         )
@@ -118,8 +130,8 @@ def collect(
         summary.correct += int(correct is True)
         summary.incorrect += int(correct is False)
         summary.visual_tokens += prompt.num_visual
-        summary.seconds += time.perf_counter() - start
     writer.flush()
+    summary.seconds = time.perf_counter() - start  # wall time: preparation overlaps the model with workers
     return summary
 
 
@@ -162,7 +174,7 @@ def build_cache(cfg: Any) -> Summary:
     ) as writer:
         total = len(source) if hasattr(source, "__len__") else None
         summary = collect(
-            vlm, source, writer, settings, judge_correct, cfg.shard_id, cfg.num_shards,
-            strict=bool(cfg.data.get("strict", False)), total=total,
+            vlm, source.stream, writer, settings, judge_correct, cfg.shard_id, cfg.num_shards,
+            strict=bool(cfg.data.get("strict", False)), total=total, num_workers=resolve_num_workers(cfg.get("num_workers")),
         )
     return summary

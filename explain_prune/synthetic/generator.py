@@ -20,14 +20,15 @@ the same pixels, question and answer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from explain_prune.core import InputError, Sample
+from explain_prune.core import DeferredSample, InputError, Sample
 
 TOKEN_PX = 28  # one Qwen2-VL visual token: 14-px patch x spatial merge 2
 TEMPORAL_PATCH = 2  # frames per temporal token
@@ -286,11 +287,21 @@ def scene_to_sample(scene: Scene, sample_id: str) -> Sample:
     return Sample(id=sample_id, question=scene.question, images=frames, answer=scene.answer, meta=meta)
 
 
+def sample_id(cfg: SyntheticConfig, seed: int, index: int) -> str:
+    """The id of sample `index` of the stream `seed` (known without rendering it)."""
+    kind = "video" if cfg.frames else "image"
+    return f"synthetic-{kind}-g{cfg.grid}c{cfg.cell_px}f{cfg.frames}-s{seed}-{index}"
+
+
 def make_sample(cfg: SyntheticConfig, seed: int, index: int) -> Sample:
     """Sample `index` of the stream `seed` (deterministic)."""
-    kind = "video" if cfg.frames else "image"
-    sid = f"synthetic-{kind}-g{cfg.grid}c{cfg.cell_px}f{cfg.frames}-s{seed}-{index}"
-    return scene_to_sample(make_scene(cfg, seed, index), sid)
+    return scene_to_sample(make_scene(cfg, seed, index), sample_id(cfg, seed, index))
+
+
+def deferred_samples(cfg: SyntheticConfig, seed: int, count: int) -> Iterator[DeferredSample]:
+    """Samples 0 .. count-1 of the stream `seed`, each rendered only when read (data.prefetch)."""
+    for index in range(count):
+        yield DeferredSample(sample_id(cfg, seed, index), functools.partial(make_sample, cfg, seed, index))
 
 
 def synthetic_config(overrides: Mapping[str, Any] | None) -> SyntheticConfig:

@@ -103,6 +103,10 @@ class Source(abc.ABC):
             except RowError as err:
                 yield SampleError(entry.id, str(err))
 
+    def stream(self) -> Iterator[Sample | SampleError]:
+        """What generate reads (data.prefetch): the source itself."""
+        return iter(self)
+
     @abc.abstractmethod
     def make_sample(self, entry: Entry) -> Sample:
         """The sample of one entry; raises RowError when the row cannot be used."""

@@ -14,8 +14,8 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from explain_prune.core import InputError, Sample
-from explain_prune.synthetic.generator import make_sample, synthetic_config
+from explain_prune.core import DeferredSample, InputError, Sample
+from explain_prune.synthetic.generator import deferred_samples, make_sample, synthetic_config
 from explain_prune.data.sources.common import SOURCES
 
 
@@ -38,6 +38,10 @@ class SyntheticSource:
     def __iter__(self) -> Iterator[Sample]:
         for index in range(self.limit):
             yield make_sample(self.config, self.seed, index)
+
+    def stream(self) -> Iterator[DeferredSample]:
+        """The samples of `__iter__`, rendered only where they are read (in the loader's workers)."""
+        return deferred_samples(self.config, self.seed, self.limit)
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.name, "n": self.limit, "seed": self.seed, "generator": dataclasses.asdict(self.config)}

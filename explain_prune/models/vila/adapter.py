@@ -29,6 +29,7 @@ from explain_prune.models.base import (
     HOST,
     VLM,
     DecoderParts,
+    HostInputs,
     VisualPrompt,
     instruction_positions,
     torch_dtype,
@@ -165,6 +166,7 @@ class Vila(VLM):
             raise InputError(f"model.conversation: {conversation!r} is not allowed (allowed: {', '.join(CONVERSATIONS)})")
         self.conversation = CONVERSATIONS[conversation]
         self.placeholder_id = placeholder_token_id(tokenizer)
+        self.tokens_per_image = int(model.tokens_per_image)  # read here: preprocess runs without the model
         self._newline_ids = self._encode("\n", first=False)
         self._suffix_len = len(tokenizer(self.conversation.assistant_open, add_special_tokens=False)["input_ids"])
 
@@ -232,35 +234,45 @@ class Vila(VLM):
         """VILA removes media tokens typed into the text (llava/utils/media.py, extract_media)."""
         return (sample.question or "").replace(IMAGE_TOKEN, "")
 
-    def prepare(self, sample: Sample) -> VisualPrompt:
+    def preprocess(self, sample: Sample) -> HostInputs:
         """Images and video frames alike: one "<image>" and tokens_per_image tokens each."""
-        per_image = self.model.tokens_per_image
+        per_image = self.tokens_per_image
         with HOST:
             question, images = self._read_sample(sample)
             pixels = self.image_processor(images)  # [N, 3, H, W]
-            input_ids = self.tokenize(self.prompt_text(question, len(images)), per_image)
-        input_ids = input_ids.to(self.device)
-        with torch.no_grad():
-            embeds = self.model.embed(input_ids, pixels, self.placeholder_id)
-        visual_index = (input_ids[0] == self.placeholder_id).nonzero().squeeze(-1).cpu()
+            input_ids = self.tokenize(self.prompt_text(question, len(images)), per_image)  # [1, L]
+            visual_index = (input_ids[0] == self.placeholder_id).nonzero().squeeze(-1)
         last = int(visual_index.max())
         nl = self._newline_ids
         follows = input_ids[0, last + 1 : last + 1 + len(nl)].tolist() == nl
         side = math.isqrt(per_image)
+        return HostInputs(
+            sample_id=sample.id,
+            modality=sample.modality,
+            input_ids=input_ids,
+            visual_index=visual_index,
+            instruction_index=instruction_positions(input_ids, visual_index, self._suffix_len, skip=len(nl) if follows else 0),
+            visual_grid=(len(images), side, side),
+            pixels={"pixel_values": pixels},
+        )
+
+    def encode(self, host: HostInputs) -> VisualPrompt:
+        input_ids = host.input_ids.to(self.device)
+        pixels = host.pixels["pixel_values"]
+        with torch.no_grad():
+            embeds = self.model.embed(input_ids, pixels, self.placeholder_id)
         return VisualPrompt(
             inputs_embeds=embeds,
             position_ids=torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0),
             attention_mask=torch.ones_like(input_ids),
             input_ids=input_ids,
-            visual_index=visual_index,
-            instruction_index=instruction_positions(
-                input_ids, visual_index, self._suffix_len, skip=len(nl) if follows else 0
-            ),
-            visual_grid=(len(images), side, side),
-            sample_id=sample.id,
+            visual_index=host.visual_index,
+            instruction_index=host.instruction_index,
+            visual_grid=host.visual_grid,
+            sample_id=host.sample_id,
             meta={
                 "pixel_values": pixels,
-                "modality": sample.modality,
+                "modality": host.modality,
                 # token k of an image covers grid rows 2*(k % side) and columns 2*(k // side) (VILA's order)
                 "visual_token_order": "column_major",
             },
@@ -321,7 +333,7 @@ class Vila(VLM):
         s, patch, size = self.model.vision_grid, int(vcfg.patch_size), int(vcfg.image_size)
         pairs = torch.arange((s + 1) // 2, dtype=torch.float64)
         edges = torch.stack([2 * pairs, (2 * pairs + 2).clamp(max=s)], -1) * patch / size  # [m, 2], fractions of the square
-        n_images = prompt.num_visual // self.model.tokens_per_image
+        n_images = prompt.num_visual // self.tokens_per_image
         pad = self.image_processor.aspect_ratio == "pad"
         if pad and (image_sizes is None or len(image_sizes) != n_images):
             raise InputError(
