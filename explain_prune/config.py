@@ -197,6 +197,45 @@ def check_compressor(node: Any) -> None:
         raise InputError(f"compressor.mask_ratio: must be in [0, 1), got {compressor['mask_ratio']!r}")
 
 
+TRAINER_MINIMUMS = {"max_epochs": 1, "min_epochs": 0, "log_every_n_steps": 1, "check_val_every_n_epoch": 1,
+                    "accumulate_grad_batches": 1, "num_nodes": 1}
+TRAINER_OWN = ("callbacks", "logger")  # built by the train stage, not set in conf/trainer
+
+
+def _resolvable(node: Any) -> Any:
+    """`node` without the values that only resolve inside a Hydra run (`${hydra:runtime.output_dir}`
+    under the compose API); those are the project's own paths, not user input."""
+    if not OmegaConf.is_dict(node):
+        return node
+    from omegaconf.errors import InterpolationResolutionError
+
+    kept = {}
+    for key in node:
+        try:
+            kept[key] = _plain(node[key])
+        except InterpolationResolutionError:
+            continue
+    return kept
+
+
+def check_trainer(node: Any) -> None:
+    """conf/trainer/*.yaml against `lightning.pytorch.Trainer`'s own signature (its typed keyword
+    settings), plus the lower bounds Lightning itself only finds out mid-run."""
+    import dataclasses
+
+    from lightning.pytorch import Trainer
+
+    from explain_prune.core.schema import params_from_signature
+
+    trainer = _mapping("trainer", _resolvable(node))
+    trainer.pop("_target_", None)
+    params = {
+        name: dataclasses.replace(param, minimum=TRAINER_MINIMUMS.get(name))
+        for name, param in params_from_signature(Trainer, skip=TRAINER_OWN).items()
+    }
+    check_mapping("trainer", trainer, params)
+
+
 GROUP_CHECKS = {
     "model": check_model,
     "modality": lambda node: check_dataclass(ModalityConfig, "modality", _mapping("modality", node)),
@@ -206,6 +245,7 @@ GROUP_CHECKS = {
     "judge": check_judge,
     "data": check_data,
     "compressor": check_compressor,
+    "trainer": check_trainer,
 }
 
 

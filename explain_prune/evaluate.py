@@ -18,9 +18,13 @@ from explain_prune import tracking
 from explain_prune.benchmarks import build_benchmark, build_judge
 from explain_prune.stages.evaluate import EvalSettings, evaluate
 from explain_prune.cli import checked_choices, task
+from explain_prune.core.lock import DirLock
 from explain_prune.data.prefetch import resolve_num_workers
 from explain_prune.methods import build_from_config
 from explain_prune.models import build_vlm
+
+
+LOCK_FILE = ".lock"
 
 
 @checked_choices
@@ -39,29 +43,30 @@ def main(cfg: DictConfig) -> dict:
         print(f"skip: {out_dir} already holds complete results for this job")
         print(f"results: {out_dir}/results.json")
         return done
-    tracking.claim_run_dir(out_dir, job)
-    benchmark = build_benchmark(**OmegaConf.to_container(cfg.benchmark, resolve=True))
-    judge = build_judge(cfg.judge)
-    vlm = build_vlm(cfg.model, modality=cfg.modality)
-    settings = EvalSettings(
-        limit=cfg.benchmark.get("limit"),
-        strict=cfg.strict,
-        batch_size=cfg.batch_size,
-        max_new_tokens=cfg.max_new_tokens,
-        num_workers=resolve_num_workers(cfg.num_workers),
-    )
-    run_info = {
-        "model": cfg.model.name,
-        "retention": method.retention,
-        "choices": choices,
-        "config": tracking.scrub(OmegaConf.to_container(cfg, resolve=False), secrets),
-        "job": job,
-    }
-    results = evaluate(vlm, benchmark, method, out_dir, settings, cfg.model.llm, judge=judge, run_info=run_info)
-    wandb_config = tracking.scrub({**resolved, "choices": choices}, secrets)
-    tracking.log_evaluation(resolved["wandb"], results, wandb_config, out_dir)
-    print(json.dumps({"score": results["score"].get("overall"), "efficiency": results["efficiency"]}, default=str))
-    print(f"results: {out_dir}/results.json")
+    with DirLock(out_dir / LOCK_FILE, f"evaluate run dir {out_dir}"):  # one job per run dir at a time
+        tracking.claim_run_dir(out_dir, job)
+        benchmark = build_benchmark(**OmegaConf.to_container(cfg.benchmark, resolve=True))
+        judge = build_judge(cfg.judge)
+        vlm = build_vlm(cfg.model, modality=cfg.modality)
+        settings = EvalSettings(
+            limit=cfg.benchmark.get("limit"),
+            strict=cfg.strict,
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            num_workers=resolve_num_workers(cfg.num_workers),
+        )
+        run_info = {
+            "model": cfg.model.name,
+            "retention": method.retention,
+            "choices": choices,
+            "config": tracking.scrub(OmegaConf.to_container(cfg, resolve=False), secrets),
+            "job": job,
+        }
+        results = evaluate(vlm, benchmark, method, out_dir, settings, cfg.model.llm, judge=judge, run_info=run_info)
+        wandb_config = tracking.scrub({**resolved, "choices": choices}, secrets)
+        tracking.log_evaluation(resolved["wandb"], results, wandb_config, out_dir)
+        print(json.dumps({"score": results["score"].get("overall"), "efficiency": results["efficiency"]}, default=str))
+        print(f"results: {out_dir}/results.json")
     return results
 
 

@@ -94,6 +94,11 @@ BAD = [
     # flops
     ("flops", ["method=dart", "method.options.pivot_image=x"], "method.options.pivot_image: expected int, got 'x'"),
     ("flops", ["n_visual=-5"], "n_visual: must be >= 1, got -5"),
+    # trainer (Lightning's own signature)
+    ("train", ["trainer.max_epochs=abc"], "trainer.max_epochs: expected int | null, got 'abc'"),
+    ("train", ["trainer.max_epochs=0"], "trainer.max_epochs: must be >= 1, got 0"),
+    ("train", ["trainer.precision=bf17"], "trainer.precision: expected 64 | 32 | 16 | 'transformer-engine'"),
+    ("train", ["+trainer.max_epoch=3"], "trainer.max_epoch: unknown key (allowed: accelerator, accumulate_grad_batches"),
 ]
 
 

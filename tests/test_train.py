@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from safetensors.torch import load_file, save_file
 
 from explain_prune.compress.network import load_compressor
-from explain_prune.core import InputError
+from explain_prune.core import InputError, write_json_atomic
 from explain_prune.data.cache import CacheWriter, make_meta
 from planted import write_planted_cache
 from explain_prune.stages.train import run
@@ -200,7 +200,8 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
     roots = {name: tmp_path / name for name in ("missing", "other_model", "empty", "nan", "all_wrong")}
     with CacheWriter(roots["other_model"] / sub, make_meta("qwen2vl", "synthetic", "image")) as w:
         w.add("a", torch.rand(5), torch.rand(5))
-    CacheWriter(roots["empty"] / sub, make_meta("tiny_qwen2vl", "synthetic", "image")).close()
+    (roots["empty"] / sub).mkdir(parents=True)  # a meta.json and no sample (a writer alone leaves no meta.json)
+    write_json_atomic(roots["empty"] / sub / "meta.json", make_meta("tiny_qwen2vl", "synthetic", "image"))
     _nan_cache(roots["nan"] / sub)
     write_planted_cache(roots["all_wrong"] / sub, 6, 10, 20, correct_every=1)
     expected = {
@@ -255,3 +256,50 @@ def test_auto_generated_cache_is_completed_not_reused_short(tmp_path):
         sizes.append(results["train_samples"] + results["val_samples"])
     assert "completing" in out and "already cached 12" in out
     assert sizes[1] > sizes[0], sizes
+
+
+# ----------------------------------------------------------------------------- resume faults
+
+
+def test_resume_below_the_checkpoints_epoch_stops_before_any_cache_is_read(four_epochs, tmp_path):
+    """Lightning would only refuse this once training starts (after a cache build); here it is one line first."""
+    last = four_epochs["last_checkpoint"]
+    epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    assert epoch >= 2
+    with pytest.raises(InputError, match=rf"^trainer.max_epochs={epoch} but ckpt_path {last} was saved in epoch {epoch}: "
+                                         rf"set trainer.max_epochs above {epoch} to train further$"):
+        train(tmp_path / "no_cache_here", tmp_path / "out", f"trainer.max_epochs={epoch}", f"ckpt_path={last}")
+
+
+def test_resume_refuses_another_a0_query_or_architecture(cache_root, four_epochs, tmp_path):
+    last = four_epochs["last_checkpoint"]
+    with pytest.raises(InputError, match=r"holds an f_θ with other compressor.net settings \(channels\)"):
+        train(cache_root, tmp_path / "a", "trainer.max_epochs=5", f"ckpt_path={last}", "compressor.net.channels=[8,8]")
+    root = tmp_path / "cache"
+    primary = root / "tiny_qwen2vl" / "synthetic" / "image"
+    write_planted_cache(primary, 64, 40, 80)
+    _set_a0_query(primary, "last")
+    with pytest.raises(InputError, match="reads A_v\\^0 of a0_query='instruction', but the caches hold a0_query='last'"):
+        train(root, tmp_path / "b", "trainer.max_epochs=5", f"ckpt_path={last}")
+
+
+def test_resume_in_the_same_output_dir_keeps_the_logged_history(cache_root, tmp_path):
+    out = tmp_path / "run"
+    first = train(cache_root, out, "trainer.max_epochs=2")
+    before = Path(first["metrics_csv"]).read_bytes()
+    resumed = train(cache_root, out, "trainer.max_epochs=3", f"ckpt_path={first['last_checkpoint']}")
+    assert Path(first["metrics_csv"]).read_bytes() == before  # nothing logged is lost
+    assert resumed["metrics_csv"] == str(out / "csv" / "resume1" / "metrics.csv")
+    assert resumed["metrics_csv_history"] == [first["metrics_csv"], resumed["metrics_csv"]]
+    lines = Path(resumed["metrics_csv"]).read_text().splitlines()
+    header = lines[0].split(",")
+    assert {int(float(row.split(",")[header.index("epoch")])) for row in lines[1:]} == {2}
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["metrics_csv_history"] == resumed["metrics_csv_history"]
+
+
+def test_outputs_get_the_umask_mode(four_epochs):
+    from explain_prune.core import default_file_mode
+
+    made = [four_epochs[key] for key in ("best_checkpoint", "last_checkpoint", "compressor", "metrics_csv", "results_json")]
+    assert {Path(p).name: oct(Path(p).stat().st_mode & 0o777) for p in made} == {Path(p).name: oct(default_file_mode()) for p in made}

@@ -17,18 +17,19 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from explain_prune.core import InputError
+from explain_prune.core import InputError, save_safetensors_atomic
 from explain_prune.core.registry import Registry
 from explain_prune.explain.attention import A0_QUERIES
 
 FORMAT = "explain_prune.ftheta/1"
+MAX_CHANNELS = 8192  # a guard against a garbled file: f_θ uses tens of channels, and 8192² conv weights are 256 MB
 ACTIVATIONS = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
@@ -60,11 +61,15 @@ class FThetaConfig:
     a0_query: str = field(default="instruction", metadata={"choices": A0_QUERIES})
 
     def __post_init__(self) -> None:
+        if isinstance(self.channels, (str, bytes)) or not isinstance(self.channels, Sequence):
+            raise InputError(f"compressor channels must be a list of positive ints, got {self.channels!r}")
         self.channels = [int(c) for c in self.channels]
         self.kernel_size = int(self.kernel_size)
         self.eps = float(self.eps)
-        if not self.channels or any(c <= 0 for c in self.channels):
-            raise InputError(f"compressor channels must be a non-empty list of positive ints, got {self.channels}")
+        if not self.channels or any(not 0 < c <= MAX_CHANNELS for c in self.channels):
+            raise InputError(
+                f"compressor channels must be a non-empty list of ints in [1, {MAX_CHANNELS}], got {self.channels}"
+            )
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise InputError(f"compressor kernel_size must be a positive odd int, got {self.kernel_size}")
         if self.activation not in ACTIVATIONS:
@@ -182,9 +187,7 @@ def save_compressor(path: str | Path, model: FTheta) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "ftheta_config": json.dumps(model.config.to_dict(), sort_keys=True)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    save_safetensors_atomic(state, path, metadata=metadata)
     return path
 
 
@@ -203,7 +206,19 @@ def load_compressor(path: str | Path, map_location: str | torch.device = "cpu") 
         raise InputError(f"unreadable compressor file {path}: {err}") from None
     if metadata.get("format") != FORMAT or "ftheta_config" not in metadata:
         raise InputError(f"{path} is not an f_θ file (no {FORMAT} metadata)")
-    model = FTheta(FThetaConfig.from_dict(json.loads(metadata["ftheta_config"])))
+    try:
+        stored = json.loads(metadata["ftheta_config"])
+        if not isinstance(stored, dict):
+            raise ValueError("not a JSON object")
+        config = FThetaConfig.from_dict(stored)
+    except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError; int("abc") for a channel
+        raise InputError(f"{path}: malformed ftheta_config metadata ({err})") from None
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{path}: non-finite values in weight {name!r}")
+    model = FTheta(config)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

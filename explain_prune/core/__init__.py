@@ -3,10 +3,14 @@
 from explain_prune.core.errors import InputError, RowError, SampleError, skip_or_raise
 from explain_prune.core.io import (
     RESULTS,
+    default_file_mode,
     fsync_dir,
     jsonable,
     read_json,
+    publish,
     resolve_data_root,
+    save_safetensors_atomic,
+    temp_name,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -19,12 +23,16 @@ __all__ = [
     "RowError",
     "Sample",
     "SampleError",
+    "default_file_mode",
     "fsync_dir",
     "jsonable",
     "load_image",
     "read_json",
+    "publish",
     "resolve_data_root",
+    "save_safetensors_atomic",
     "skip_or_raise",
+    "temp_name",
     "write_bytes_atomic",
     "write_json_atomic",
 ]

@@ -44,15 +44,56 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp name, fsync, rename: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _process_umask()  # read once at import: os.umask can only be read by setting it
+
+
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file under the process umask (0644 under the usual 022)."""
+    return 0o666 & ~UMASK
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Give a finished temp file the umask's mode, fsync it, and rename it over `path`: readers see
+    the old or the new file, never half.  Writers that create the temp file with a restrictive mode
+    (safetensors, `tempfile.mkstemp`: 0600) would otherwise hide caches and checkpoints from the
+    other users of a shared cluster."""
+    os.chmod(tmp, default_file_mode())
+    with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def temp_name(path: Path) -> Path:
+    """The hidden temp file next to `path` that this process writes before `publish`."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp name, fsync, rename (see `publish`)."""
+    tmp = temp_name(path)
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    publish(tmp, path)
+
+
+def save_safetensors_atomic(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, atomic and with the umask's file mode."""
+    from safetensors.torch import save_file
+
+    tmp = temp_name(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -43,6 +43,8 @@ def _type_name(annotation: Any) -> str:
         return " | ".join(_type_name(a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return "null"
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
     if origin is not None:
         return getattr(origin, "__name__", str(origin))
     return getattr(annotation, "__name__", str(annotation))
@@ -55,6 +57,8 @@ def _matches(value: Any, annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         return any(_matches(value, a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
     if annotation is type(None):
         return value is None
     if annotation is bool:

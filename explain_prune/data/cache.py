@@ -12,7 +12,11 @@ temporary name, fsynced and `os.replace`d into place, and only then are its inde
 files the index does not reference (a temp file, an orphan shard, a half line at the end of the
 index) which the next writer of the same part removes before it resumes; `done_ids()` lists what
 is indexed so a rerun skips it.  Shard and index names carry `shard_id`/`num_shards` so SLURM array
-parts write into one directory without collisions (one writer per part at a time).
+parts write into one directory without collisions.  A writer holds an advisory lock on its part
+(`.lock-<part>`, core.lock) from open to close, so a second writer of the same part stops at once
+with one line; the kernel releases the lock of a killed writer.  meta.json is written with the first
+shard: a run that dies before caching anything leaves no meta.json for later runs to trip over, and
+a cache that holds no sample yet is re-initialised with the new settings instead of refused.
 
 Reading (`CacheReader`): one or more directories (or parts) are merged after checking each
 meta.json against what the caller expects (model / data / modality); every referenced shard is
@@ -37,13 +41,15 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from explain_prune.core import (
     InputError,
+    default_file_mode,
     fsync_dir,
+    save_safetensors_atomic,
     write_json_atomic,
 )
+from explain_prune.core.lock import DirLock
 
 log = logging.getLogger(__name__)
 
@@ -214,18 +220,39 @@ class CacheWriter:
         self.meta.setdefault("format", CACHE_FORMAT)
         self.index_path = self.directory / f"index-{self.part}.jsonl"
         self._buffer: list[dict[str, Any]] = []
-        self._init_meta()
-        self._recover(verify_existing)
-        self._done = self._load_done_ids()
+        self._lock = DirLock(self.directory / f".lock-{self.part}", f"cache {self.directory} (part {self.part})").acquire()
+        try:
+            self._check_meta()
+            self._recover(verify_existing)
+            self._done = self._load_done_ids()
+        except BaseException:
+            self._lock.release()
+            raise
         self._next_seq = self._max_seq() + 1
 
     # --- set-up -------------------------------------------------------------------------
-    def _init_meta(self) -> None:
-        path = self.directory / META_FILE
-        if path.is_file():
-            existing = read_meta(self.directory)
-            expect = {k: self.meta.get(k) for k in (*IDENTITY_FIELDS, "config_hash")}
+    def _holds_samples(self) -> bool:
+        return any(p.stat().st_size > 0 for p in _index_files(self.directory))
+
+    def _check_meta(self) -> None:
+        """An existing meta.json must match, unless the cache holds no sample yet (then the first
+        shard rewrites it)."""
+        if not (self.directory / META_FILE).is_file():
+            return
+        existing = read_meta(self.directory)
+        expect = {k: self.meta.get(k) for k in (*IDENTITY_FIELDS, "config_hash")}
+        try:
             check_meta(existing, expect, self.directory)
+        except InputError:
+            if self._holds_samples():
+                raise
+            log.warning("cache %s holds no sample yet: its meta.json is replaced by this run's", self.directory)
+
+    def _publish_meta(self) -> None:
+        """Write meta.json with the first shard (another part may have written it meanwhile)."""
+        path = self.directory / META_FILE
+        if path.is_file() and self._holds_samples():
+            check_meta(read_meta(self.directory), {k: self.meta.get(k) for k in (*IDENTITY_FIELDS, "config_hash")}, self.directory)
         else:
             write_json_atomic(path, self.meta)
 
@@ -336,9 +363,9 @@ class CacheWriter:
         """Write the buffered samples as one shard (atomic), then append their index lines."""
         if not self._buffer:
             return None
+        self._publish_meta()
         name = f"{self.part}-{self._next_seq:05d}.safetensors"
         final = self.directory / name
-        tmp = self.directory / f".{name}.tmp-{os.getpid()}"
         lengths = [b["a0"].numel() for b in self._buffer]
         offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
@@ -354,12 +381,8 @@ class CacheWriter:
             "data": str(self.meta["data"]),
             "modality": str(self.meta["modality"]),
         }
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        size, digest = tmp.stat().st_size, _sha256(tmp)
-        os.replace(tmp, final)
-        fsync_dir(self.directory)
+        save_safetensors_atomic(tensors, final, metadata=metadata)
+        size, digest = final.stat().st_size, _sha256(final)
         lines = []
         for row, b in enumerate(self._buffer):
             entry = {
@@ -375,7 +398,7 @@ class CacheWriter:
                 "shard_sha256": digest,
             }
             lines.append(json.dumps(entry, sort_keys=True) + "\n")
-        fd = os.open(str(self.index_path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(str(self.index_path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, default_file_mode())
         try:
             os.write(fd, "".join(lines).encode())
             os.fsync(fd)
@@ -387,7 +410,10 @@ class CacheWriter:
         return final
 
     def close(self) -> None:
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> "CacheWriter":
         return self

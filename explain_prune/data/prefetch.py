@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from explain_prune.core import DeferredSample, InputError, Sample, SampleError
+from explain_prune.core.lock import close_inherited_locks
 
 if TYPE_CHECKING:  # data sits below models; the loader only carries their HostInputs
     from explain_prune.models.base import VLM, HostInputs
@@ -122,10 +123,15 @@ def prefetch(
         num_workers=num_workers,
         prefetch_factor=prefetch_factor if num_workers else None,
         pin_memory=num_workers > 0 and vlm.device.type == "cuda",
+        worker_init_fn=_worker_init if num_workers else None,
     )
     with torch.device("cpu"):  # the loader's own seed tensors are host bookkeeping
         items = iter(loader)
     return _raise_fatal(items)
+
+
+def _worker_init(worker_id: int) -> None:
+    close_inherited_locks()  # a worker must not keep its parent's cache / run-dir lock alive
 
 
 def _raise_fatal(items: Iterator[Prefetched]) -> Iterator[Prefetched]:

@@ -46,9 +46,23 @@ class PredictionLog:
                 log.warning("dropping a partial last line of %s", path)
                 with open(path, "r+b") as fh:
                     fh.truncate(len(good))
-            for line in good.decode().splitlines():
-                row = json.loads(line)
+            for lineno, line in enumerate(good.split(b"\n")[:-1], start=1):
+                row = self._parse(line, lineno)
                 self.rows[row["id"]] = row
+
+    def _parse(self, line: bytes, lineno: int) -> dict[str, Any]:
+        """One complete line; a damaged one stops the job (resuming past it would re-answer a
+        sample whose id is unreadable, and scoring would silently miss it)."""
+        try:
+            row = json.loads(line)
+            if isinstance(row, dict) and isinstance(row.get("id"), str):
+                return row
+            problem = "not a prediction row (a JSON object with an id)"
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            problem = f"not JSON ({err})"
+        raise InputError(
+            f"{self.path} line {lineno}: {problem}; delete that line to resume (its sample is then predicted again)"
+        )
 
     def append(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as fh:

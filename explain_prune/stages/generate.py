@@ -149,7 +149,6 @@ def build_cache(cfg: Any) -> Summary:
     from explain_prune.models import build_vlm
 
     settings = check_dataclass(RelevanceSettings, "relevance", OmegaConf.to_container(cfg.relevance, resolve=True))
-    vlm = build_vlm(cfg.model, modality=cfg.modality)
     source = build_source(cfg.data)
     determinants = {
         "relevance": cached_settings(settings),
@@ -169,9 +168,10 @@ def build_cache(cfg: Any) -> Summary:
     def judge_correct(prediction: str, sample: Sample) -> bool | None:
         return None if sample.answer is None else is_correct(prediction, sample.answer, sample.meta)
 
-    with CacheWriter(
+    with CacheWriter(  # takes the part's lock before the model loads: a second writer stops at once
         cfg.cache_dir, meta, shard_id=cfg.shard_id, num_shards=cfg.num_shards, shard_size=cfg.get("shard_size", 256)
     ) as writer:
+        vlm = build_vlm(cfg.model, modality=cfg.modality)
         total = len(source) if hasattr(source, "__len__") else None
         summary = collect(
             vlm, source.stream, writer, settings, judge_correct, cfg.shard_id, cfg.num_shards,

@@ -14,17 +14,18 @@ command fails in about a second with one line.
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from explain_prune.cli import set_torch_threads
-from explain_prune.core import RESULTS, InputError
+from explain_prune.compress.network import FThetaConfig
+from explain_prune.core import RESULTS, InputError, write_json_atomic
 from explain_prune.data.cache import CacheReader
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -113,10 +114,40 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         if isinstance(node, DictConfig) and "_target_" in node:
+            if node._target_.endswith("CSVLogger"):
+                node = _csv_beside_earlier(node)
             loggers.append(instantiate(node))
         else:
             log.debug("logger entry %s has no _target_, skipped", name)
     return loggers
+
+
+CSV_METRICS = "metrics.csv"
+
+
+def _csv_beside_earlier(node: DictConfig) -> DictConfig:
+    """A run resumed in the same output dir would make Lightning rewrite metrics.csv from the resume
+    epoch on, dropping what was logged after that epoch; it writes `<name>/resume<k>/metrics.csv`
+    beside the earlier files instead (results.json lists them all)."""
+    root = Path(str(node.save_dir)) / str(node.name)
+    version = node.get("version")
+    if not (root / ("" if version in (None, "") else str(version)) / CSV_METRICS).is_file():
+        return node
+    k = 1
+    while (root / f"resume{k}" / CSV_METRICS).is_file():
+        k += 1
+    return OmegaConf.merge(node, {"version": f"resume{k}"})
+
+
+def _metrics_history(metrics_csv: str | None) -> list[str]:
+    """Every metrics.csv this output dir holds, oldest first: the first run's, then each resume's."""
+    if metrics_csv is None:
+        return []
+    current = Path(metrics_csv)
+    root = current.parent.parent if current.parent.name.startswith("resume") else current.parent
+    files = [root / CSV_METRICS] if (root / CSV_METRICS).is_file() else []
+    files += sorted(root.glob(f"resume*/{CSV_METRICS}"), key=lambda f: int(f.parent.name.removeprefix("resume") or 0))
+    return [str(f) for f in files]
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> "L.Trainer":
@@ -134,24 +165,98 @@ def _metrics_file(trainer: Any) -> str | None:
 
 def _write_results(output_dir: Path, results: dict[str, Any]) -> Path:
     path = output_dir / RESULTS
-    path.write_text(json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")
+    write_json_atomic(path, results)
     return path
 
 
-def _check_ckpt(path: Any) -> str | None:
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a resumed or validated run needs to know of a Lightning checkpoint before it starts."""
+
+    path: str
+    epoch: int  # the epoch it was saved in (0-based, Lightning's current_epoch)
+    hparams: dict[str, Any]  # CompressorModule's: ftheta (the network), cache_meta, lr, ...
+
+    def check_against(self, cfg: DictConfig, caches: Sequence[CacheReader], ftheta: dict[str, Any] | None = None) -> None:
+        """The checkpoint must have been trained for this model, on A_v^0 of the caches' query, and
+        (when resuming) with this run's f_θ architecture: anything else would silently train or
+        export the wrong network."""
+        trained_model = (self.hparams.get("cache_meta") or {}).get("model")
+        if trained_model and trained_model != cfg.model.name:
+            raise InputError(
+                f"checkpoint {self.path} was trained on model={trained_model!r}, but model={cfg.model.name!r} is selected"
+            )
+        trained = self.hparams.get("ftheta") or {}
+        trained_query, held_query = trained.get("a0_query", "instruction"), cache_a0_query(caches)
+        if held_query != trained_query:
+            raise InputError(
+                f"checkpoint {self.path} reads A_v^0 of a0_query={trained_query!r}, but the caches hold a0_query={held_query!r}"
+            )
+        if ftheta is not None and FThetaConfig.from_dict(trained) != FThetaConfig.from_dict(ftheta):
+            differ = sorted(k for k in {*trained, *ftheta} if trained.get(k) != ftheta.get(k))
+            raise InputError(
+                f"checkpoint {self.path} holds an f_θ with other compressor.net settings ({', '.join(differ)}): "
+                "resume with the settings it was trained with"
+            )
+
+
+def read_checkpoint(path: Any) -> Checkpoint | None:
+    """`ckpt_path`, read with weights_only=True (no pickled objects) and checked to be a checkpoint
+    of this stage, before any cache is built or read; None when no path is set."""
     if path in (None, ""):
         return None
-    if not Path(str(path)).is_file():
-        raise InputError(f"checkpoint not found: {path}")
-    return str(path)
+    path = Path(str(path))
+    if not path.is_file():
+        raise InputError(f"ckpt_path: checkpoint not found: {path}")
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch.load raises OSError, KeyError, UnpicklingError ... on a non-checkpoint
+        raise InputError(
+            f"ckpt_path {path}: not a Lightning checkpoint readable with weights_only=True ({_load_failure(err)})"
+        ) from None
+    if not isinstance(ckpt, dict) or not {"state_dict", "epoch", "hyper_parameters"} <= set(ckpt):
+        raise InputError(f"ckpt_path {path}: not a checkpoint written by explain_prune.train (no state_dict / epoch / hyper_parameters)")
+    hparams = ckpt["hyper_parameters"]
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("ftheta"), dict):
+        raise InputError(f"ckpt_path {path}: not an f_θ checkpoint (its hyper_parameters hold no ftheta settings)")
+    return Checkpoint(str(path), int(ckpt["epoch"]), dict(hparams))
+
+
+def _load_failure(err: BaseException) -> str:
+    """The reason in torch.load's message (its weights-only refusal opens with a generic paragraph)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    marker = "WeightsUnpickler error:"
+    for i, line in enumerate(lines):
+        if marker in line:
+            reason = line.split(marker, 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return reason.split(" Please use", 1)[0] or "refused"
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def check_resume_epochs(checkpoint: Checkpoint | None, cfg: DictConfig) -> None:
+    """Lightning refuses a resume whose max_epochs the checkpoint has already passed, but only once
+    training starts (and a cache may have been built first)."""
+    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
+    if checkpoint is not None and max_epochs is not None and int(max_epochs) <= checkpoint.epoch:
+        raise InputError(
+            f"trainer.max_epochs={max_epochs} but ckpt_path {checkpoint.path} was saved in epoch {checkpoint.epoch}: "
+            f"set trainer.max_epochs above {checkpoint.epoch} to train further"
+        )
 
 
 def fit(cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path) -> dict[str, Any]:
     output_dir = Path(output_dir)
-    ckpt_path = _check_ckpt(cfg.get("ckpt_path"))
+    checkpoint = read_checkpoint(cfg.get("ckpt_path"))
+    check_resume_epochs(checkpoint, cfg)
+    ckpt_path = None if checkpoint is None else checkpoint.path
     lr = _number(cfg, "compressor.lr")
     # the primary cache must be the selected (model, data, modality); extra caches model + modality
     caches = open_caches(cache_dirs, expect_meta(cfg, with_data=False), first_expect=expect_meta(cfg))
+    ftheta = _ftheta_config(cfg, cache_a0_query(caches))
+    if checkpoint is not None:
+        checkpoint.check_against(cfg, caches, ftheta)
 
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -163,7 +268,7 @@ def fit(cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path) -> d
     datamodule = build_datamodule(cfg, caches)
     datamodule.setup("fit")  # split / filter problems fail here, before the trainer starts
     module = CompressorModule(
-        ftheta=_ftheta_config(cfg, cache_a0_query(caches)),
+        ftheta=ftheta,
         lr=lr,
         overlap_ratios=list(cfg.compressor.overlap_ratios),
         cache_meta=datamodule.cache_meta,
@@ -209,6 +314,7 @@ def fit(cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path) -> d
         "last_checkpoint": checkpoint.last_model_path or None,
         "compressor": export.exported,
         "metrics_csv": _metrics_file(trainer),
+        "metrics_csv_history": _metrics_history(_metrics_file(trainer)),
         "resumed_from": ckpt_path,
         "config": _plain(cfg.compressor),
         "global_rank": int(trainer.global_rank),
@@ -222,9 +328,10 @@ def validate(
     cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path, eval_dirs: Sequence[Any] | None = None
 ) -> dict[str, Any]:
     output_dir = Path(output_dir)
-    ckpt_path = _check_ckpt(cfg.get("ckpt_path"))
-    if ckpt_path is None:
+    checkpoint = read_checkpoint(cfg.get("ckpt_path"))
+    if checkpoint is None:
         raise InputError("validate_only=true needs ckpt_path=<a .ckpt written by explain_prune.train>")
+    ckpt_path = checkpoint.path
     if eval_dirs is not None:
         caches: list[Any] = []
         eval_caches: list[Any] | None = open_caches(eval_dirs, {"model": cfg.model.name})
@@ -234,21 +341,11 @@ def validate(
 
     from explain_prune.compress.module import CompressorModule
 
+    checkpoint.check_against(cfg, eval_caches or caches)
     try:
         module = CompressorModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     except (KeyError, RuntimeError, TypeError, ValueError) as err:
         raise InputError(f"not a compressor checkpoint: {ckpt_path} ({str(err).splitlines()[0]})") from None
-    trained_model = (module.hparams.get("cache_meta") or {}).get("model")
-    if trained_model and trained_model != cfg.model.name:
-        raise InputError(
-            f"checkpoint {ckpt_path} was trained on model={trained_model!r}, but model={cfg.model.name!r} is selected"
-        )
-    trained_query = module.hparams.get("ftheta", {}).get("a0_query", "instruction")
-    held_query = cache_a0_query(eval_caches or caches)
-    if held_query != trained_query:
-        raise InputError(
-            f"checkpoint {ckpt_path} reads A_v^0 of a0_query={trained_query!r}, but the caches hold a0_query={held_query!r}"
-        )
     output_dir.mkdir(parents=True, exist_ok=True)
     datamodule = build_datamodule(cfg, caches, eval_caches=eval_caches)
     datamodule.setup("validate")
@@ -352,6 +449,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Train (or validate) and print where the results are; returns the results dict."""
     set_torch_threads(cfg)  # before the cache is built, which can be most of the work
     eval_dirs = _eval_dirs(cfg)
+    if not cfg.get("validate_only"):  # a checkpoint that cannot be resumed fails before any cache is built
+        check_resume_epochs(read_checkpoint(cfg.get("ckpt_path")), cfg)
     if cfg.get("validate_only"):
         cache_dirs = ensure_cache(cfg) if eval_dirs is None else []
         results = validate(cfg, cache_dirs, output_dir, eval_dirs=eval_dirs)
