@@ -1,14 +1,17 @@
-"""The OpenAI-compatible judge against a real HTTP server on 127.0.0.1 started by the test."""
+"""The OpenAI-compatible judge (through the openai client) against a real HTTP server on 127.0.0.1
+started by the test."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import openai
 import pytest
 from omegaconf import OmegaConf
 
@@ -20,7 +23,7 @@ from explain_prune.benchmarks import (
     build_judge,
 )
 from explain_prune.benchmarks.judge import cache_key
-from explain_prune.core import InputError
+from explain_prune.core import InputError, default_file_mode
 
 SECRET = "sk-test-DO-NOT-LEAK-5c1f0e"
 KEY_ENV = "EXPLAIN_PRUNE_TEST_JUDGE_KEY"
@@ -50,15 +53,18 @@ class ChatHandler(BaseHTTPRequestHandler):
         srv = self.server
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         with srv.lock:
-            srv.seen.append({"path": self.path, "headers": dict(self.headers), "body": body})
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            srv.seen.append({"path": self.path, "headers": headers, "body": body})
             action = srv.script.pop(0) if srv.script else "ok"
         if self.path != "/v1/chat/completions":
             return self._send(404, b'{"error": "not found"}')
         if action == "sleep":  # longer than the client's timeout; wakes early when the test ends
             srv.stop.wait(2.0)
             action = "ok"
-        if action == "ok":
+        if action in ("ok", "echo_auth"):
             content = srv.reply_fn(body["messages"][-1]["content"], body.get("temperature"))  # the user turn
+            if action == "echo_auth":  # a server that repeats the credentials it was sent
+                content = f"{content} (you sent {self.headers.get('Authorization', '')})"
             message = {"role": "assistant", "content": content}
             payload = {"id": "x", "model": body["model"], "choices": [{"index": 0, "message": message}]}
             return self._send(200, json.dumps(payload).encode())
@@ -68,6 +74,8 @@ class ChatHandler(BaseHTTPRequestHandler):
             return self._send(200, b'{"object": "chat.completion", "choices": []}')
         if action == "500":
             return self._send(500, b'{"error": "overloaded"}')
+        if action == "429":
+            return self._send(429, b'{"error": "rate limited"}')
         if action == "401":  # some servers echo the key they were sent
             auth = self.headers.get("Authorization", "")
             return self._send(401, json.dumps({"error": f"Incorrect API key provided: {auth}"}).encode())
@@ -80,10 +88,40 @@ def default_reply(prompt: str, temperature) -> str:
 
 
 @pytest.fixture
-def server(monkeypatch):
+def retry_sleeps(monkeypatch):
+    """The openai client's pauses between its own retries (0.5 s and up in the real client), shortened
+    and recorded: a retry taken by the client itself shows up here."""
+    sleeps: list[int] = []
+
+    def short(self, remaining_retries, *args, **kwargs):
+        sleeps.append(remaining_retries)
+        return 0.01
+
+    monkeypatch.setattr(openai.OpenAI, "_calculate_retry_timeout", short)
+    return sleeps
+
+
+@pytest.fixture
+def make_server(monkeypatch, retry_sleeps):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.setenv(KEY_ENV, SECRET)
+    servers: list = []
+    yield lambda: _start_server(servers)
+    for srv, thread, guard in servers:
+        guard.cancel()
+        srv.stop.set()
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def server(make_server):
+    return make_server()
+
+
+def _start_server(servers: list):
     srv = ThreadingHTTPServer(("127.0.0.1", 0), ChatHandler)
     srv.daemon_threads = True
     srv.lock = threading.Lock()
@@ -95,18 +133,12 @@ def server(monkeypatch):
     guard = threading.Timer(60.0, srv.shutdown)  # bound: the server stops itself if a test hangs
     guard.daemon = True
     guard.start()
-    try:
-        yield srv
-    finally:
-        guard.cancel()
-        srv.stop.set()
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
+    servers.append((srv, thread, guard))
+    return srv
 
 
 def make_judge(srv, tmp_path=None, **kw) -> OpenAICompatibleJudge:
-    opts = dict(base_url=srv.url, model="judge-x", api_key_env=KEY_ENV, timeout=2.0, max_retries=2, backoff=0.01)
+    opts = dict(base_url=srv.url, model="judge-x", api_key_env=KEY_ENV, timeout=2.0, max_retries=2)
     if tmp_path is not None:
         opts["cache_dir"] = tmp_path / "judge_cache"
     opts.update(kw)
@@ -119,14 +151,14 @@ def test_success_request_shape(server):
     assert reply.ok and reply.text == default_reply("grade this", 0.5) and reply.attempts == 1
     (req,) = server.seen
     assert req["path"] == "/v1/chat/completions"
-    assert req["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert req["headers"]["authorization"] == f"Bearer {SECRET}"
     assert req["body"] == {"model": "judge-x", "messages": [{"role": "user", "content": "grade this"}],
                            "temperature": 0.5, "max_tokens": 3}
     # a full ".../chat/completions" URL is used as is; no key env -> no Authorization header
     judge2 = make_judge(server, base_url=server.url + "/chat/completions", api_key_env=None)
     assert judge2.complete("x").ok
     assert server.seen[-1]["path"] == "/v1/chat/completions"
-    assert "Authorization" not in server.seen[-1]["headers"]
+    assert "authorization" not in server.seen[-1]["headers"]
     assert server.seen[-1]["body"]["temperature"] == 0.0 and "max_tokens" not in server.seen[-1]["body"]
 
 
@@ -161,7 +193,7 @@ def test_http_errors_retry_policy_and_key_redaction(server):
     server.script = ["401"]
     reply = judge.complete("p")
     assert not reply.ok and reply.attempts == 1 and len(server.seen) == 4  # 401 is not retried
-    assert "HTTP 401" in reply.error and SECRET not in reply.error and "<redacted>" in reply.error
+    assert "HTTP 401" in reply.error and SECRET not in reply.error and "***" in reply.error
 
 
 def test_mmvet_through_http_cache_makes_rerun_request_free(server, tmp_path):
@@ -248,11 +280,15 @@ def test_system_prompt_is_a_system_message_and_part_of_the_cache_key(server, tmp
     assert [(r.text, r.cached) for r in again] == [("reply-2", True), ("reply-1", True), ("reply-3", True)]
     assert len(server.seen) == 3
     entries = [json.loads(p.read_text()) for p in (tmp_path / "judge_cache").rglob("*.json")]
-    assert sorted(e.get("system_prompt", "") for e in entries) == ["", lenient, strict]
+    systems = sorted(m["content"] for e in entries for m in e["messages"] if m["role"] == "system")
+    assert systems == [lenient, strict] and all(e["messages"][-1] == {"role": "user", "content": "grade"} for e in entries)
     assert judge.describe()["system_prompt"] == strict
-    # without a system prompt the key is the pre-option one: sha256 of the sorted-key JSON request
-    old = json.dumps({"max_tokens": None, "model": "judge-x", "prompt": "grade", "temperature": 0.0}, sort_keys=True)
-    assert cache_key("judge-x", "grade", 0.0, None) == hashlib.sha256(old.encode()).hexdigest()
+    # the key: sha256 of the sorted-key JSON of endpoint, model, messages and sampling settings
+    user = [{"role": "user", "content": "grade"}]
+    request = {"base_url": judge.url, "max_tokens": None, "messages": user, "model": "judge-x", "temperature": 0.0}
+    expected = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+    assert cache_key(judge.url, "judge-x", user, 0.0, None) == expected
+    assert (tmp_path / "judge_cache" / expected[:2] / f"{expected}.json").is_file()
     # from the config group: null by default, text when set; empty text is refused
     cfg = OmegaConf.load(CONF / "judge" / "openai_compatible.yaml")
     cfg.update({"base_url": server.url, "api_key_env": None, "cache_dir": None})
@@ -289,3 +325,64 @@ def test_build_judge_from_configs(monkeypatch, tmp_path):
     with pytest.raises(InputError, match=r"judge.api_key: unknown key \(allowed: api_key_env, ") as err:
         build_judge({"name": "openai_compatible", "base_url": "http://x", "model": "m", "api_key": SECRET})
     assert SECRET not in str(err.value)  # the error names the key, never its value
+
+
+def test_base_url_is_part_of_the_cache_key(make_server, tmp_path):
+    """Another server's grades are not reused: the second server still gets asked."""
+    first, second = make_server(), make_server()
+    second.reply_fn = lambda prompt, temperature: "second"
+    assert make_judge(first, tmp_path).complete("grade").text == default_reply("grade", 0.0)
+    reply = make_judge(second, tmp_path).complete("grade")
+    assert (reply.text, reply.cached, len(first.seen), len(second.seen)) == ("second", False, 1, 1)
+    # the same endpoint written as ".../v1" or in full shares its entries
+    again = make_judge(second, tmp_path, base_url=second.url + "/chat/completions/").complete("grade")
+    assert (again.text, again.cached, len(second.seen)) == ("second", True, 1)
+    assert len(list((tmp_path / "judge_cache").rglob("*.json"))) == 2
+
+
+def test_echoed_key_is_redacted_in_reply_and_cache(server, tmp_path):
+    server.script = ["echo_auth"]
+    reply = make_judge(server, tmp_path).complete("grade")
+    assert reply.ok and SECRET not in reply.text and reply.text.endswith("(you sent Bearer ***)")
+    (entry,) = (tmp_path / "judge_cache").rglob("*.json")
+    assert SECRET not in entry.read_text() and json.loads(entry.read_text())["reply"] == reply.text
+    cached = make_judge(server, tmp_path).complete("grade")
+    assert cached.cached and cached.text == reply.text and len(server.seen) == 1
+
+
+def test_cache_entries_get_the_umask_mode(server, tmp_path):
+    """Readable by the other users of a shared cache (mkstemp alone leaves 0600)."""
+    assert make_judge(server, tmp_path).complete("grade").ok
+    (entry,) = (tmp_path / "judge_cache").rglob("*.json")
+    assert entry.stat().st_mode & 0o777 == default_file_mode()
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temp file left
+
+
+def test_missing_openai_package_is_a_one_line_input_error(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    monkeypatch.setitem(sys.modules, "openai", None)  # `import openai` now raises ImportError
+    with pytest.raises(InputError) as err:
+        OpenAICompatibleJudge(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=KEY_ENV)
+    assert str(err.value) == "judge=openai_compatible needs the openai package: pip install 'explain_prune[judge]'"
+    assert isinstance(build_judge(OmegaConf.load(CONF / "judge" / "fake.yaml")), FakeJudge)  # needs no openai
+
+
+def test_5xx_and_429_are_retried_by_the_openai_client(server, retry_sleeps):
+    judge = make_judge(server, max_retries=2)
+    server.script = ["500"]
+    start = time.monotonic()
+    reply = judge.complete("p")
+    assert reply.ok and reply.attempts == 2 and len(server.seen) == 2 and judge.requests_sent == 2
+    assert retry_sleeps == [2]  # the client paced one retry of its own, with 2 retries left
+    assert server.seen[1]["body"] == server.seen[0]["body"] and server.seen[1]["body"]["messages"][-1]["content"] == "p"
+    server.script = ["429", "500", "500"]  # one more failure than the budget: recorded, not raised
+    reply = judge.complete("q")
+    assert not reply.ok and reply.attempts == 3 and "HTTP 500" in reply.error and len(server.seen) == 5
+    assert time.monotonic() - start < 3.0
+
+
+def test_no_key_never_falls_back_to_openai_api_key(server, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    assert make_judge(server, api_key_env=None).complete("x").ok
+    assert "authorization" not in server.seen[-1]["headers"]
+    assert SECRET not in json.dumps(server.seen[-1])
