@@ -15,6 +15,7 @@ from fixtures import (
     b64,
     mme_rows,
     mmvet_rows,
+    png_bytes,
     pope_rows,
     seedbench_rows,
     write_tsv,
@@ -31,7 +32,8 @@ from explain_prune.benchmarks.extract import (
 from explain_prune.benchmarks.judge import JudgeReply
 from explain_prune.benchmarks.mmvet import grader_prompt, parse_grade, rule_grade
 from explain_prune.benchmarks.vlmeval_tsv import mcq_prompt, resolve_root
-from explain_prune.core import InputError, Sample, SampleError
+from explain_prune.core import InputError, RowError, Sample, SampleError
+from explain_prune.core.sample import check_question
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -202,6 +204,75 @@ def test_mmvet_reader(tmp_path):
     assert samples[0].question == "What are the two numbers?" and samples[0].answer == "3<AND>5"
     assert samples[0].meta["category"] == "ocr,math"
     assert "no answer" in errors["v1"]
+
+
+# --- rows with bad bytes, blank questions ---------------------------------------------------------
+
+
+def write_with_bad_bytes(path: Path, rows: list[dict]) -> Path:
+    """The TSV as VLMEvalKit writes it, then each "<BAD>" replaced by bytes that are not UTF-8."""
+    write_tsv(path, rows)
+    path.write_bytes(path.read_bytes().replace(b"<BAD>", b"\xff\xfe"))
+    return path
+
+
+def test_invalid_utf8_skips_only_its_row(tmp_path):
+    """Bytes that are not UTF-8 make their own row a counted SampleError naming the row and column;
+    every other row is read (real UTF-8 text included), and a reference to a skipped row's image
+    still works when that image is intact."""
+    q = " Please answer yes or no."
+    rows = mme_rows()[:4]
+    rows[0]["question"] = "Is there a red <BAD> square?" + q  # row 2 reuses this row's (intact) image
+    rows[2]["image"] = rows[2]["image"][:20] + "<BAD>" + rows[2]["image"][20:]  # row 4 reuses this image
+    rows.append(dict(index="5<BAD>", image=b64(BLUE), question="Is it blue?" + q, answer="Yes", category="color"))
+    rows.append(dict(index=6, image=b64(RED), question="图中是红色的吗？" + q, answer="Yes", category="color"))
+    write_with_bad_bytes(tmp_path / "MME.tsv", rows)
+    items = list(build_benchmark("mme", tmp_path).load())
+    assert len(items) == 6  # one item per row, in file order: limits and resume count rows
+    samples, errors = split_items(items)
+    assert [s.id for s in samples] == ["2", "6"]
+    assert color_of(samples[0].images[0]) == RED
+    assert samples[1].question == "图中是红色的吗？" + q
+    assert set(errors) == {"1", "3", "4", "5\\xff\\xfe"}  # an id that is not UTF-8 is shown escaped
+    assert errors["1"] == (
+        "invalid UTF-8 in column 'question': byte(s) b'\\xff\\xfe' at character 15 (data row 1 of MME.tsv)"
+    )
+    assert errors["3"].startswith("invalid UTF-8 in column 'image':") and "data row 3 of MME.tsv" in errors["3"]
+    assert "corrupt base64" in errors["4"]
+    assert errors["5\\xff\\xfe"].startswith("invalid UTF-8 in column 'index':")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'"ind\xffex"\t"image"\t"question"\n"1"\t"x"\t"q"\n',  # header bytes that are not UTF-8
+        "index\timage\tquestion\n1\tx\tq\n".encode("utf-16"),  # another encoding
+        png_bytes(RED, (40, 40)),  # not text at all
+    ],
+    ids=["header", "utf16", "png"],
+)
+def test_file_that_is_not_utf8_text_is_one_input_error(tmp_path, data):
+    (tmp_path / "MME.tsv").write_bytes(data)
+    with pytest.raises(InputError) as err:
+        list(build_benchmark("mme", tmp_path).load())
+    message = str(err.value)
+    assert str(tmp_path / "MME.tsv") in message and "not UTF-8" in message and "\n" not in message
+
+
+def test_blank_question_is_a_counted_skip_before_the_template(tmp_path):
+    """The MCQ and POPE templates wrap the question in fixed text, so the final prompt is never empty:
+    the TSV's own question is what is checked."""
+    blank = dict(image="10", A="a", B="b", answer="A", category="x")
+    rows = [*seedbench_rows(), dict(index=13, question="  \t ", **blank), dict(index=14, question=np.nan, **blank)]
+    write_tsv(tmp_path / "SEEDBench_IMG.tsv", rows)
+    samples, errors = split_items(list(build_benchmark("seedbench", tmp_path).load()))
+    assert [s.id for s in samples] == ["10", "11"]
+    assert errors == {"13": "empty question (whitespace only)", "14": "no question"}
+    write_tsv(tmp_path / "POPE.tsv", [dict(index=0, image=b64(RED), question=" \n ", answer="Yes", category="random")])
+    assert split_items(list(build_benchmark("pope", tmp_path).load())) == ([], {"0": "empty question (whitespace only)"})
+    # the shared check also looks at the source question a sample keeps in its meta
+    with pytest.raises(RowError, match="empty question"):
+        check_question(Sample(id="s", question="Question: \nOptions:\nA. a", meta={"question": ""}))
 
 
 # --- extraction rules -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ checked on hand-made predictions against a score computed by hand in the comment
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -289,6 +290,32 @@ def test_mvbench_reader_bounds_frames_and_errors(tmp_path):
     # sample (12 frames at 4 fps, [0.5 s, 2 s]) -> frames [2, 8], seg 1.5 -> int(2.75 + 0, 2, 3, 4) = 2, 4, 5, 6
     assert_levels(read_sample_frames(count.video, 4, count.meta), [3, 10, 17, 25])
     assert_levels(read_sample_frames(seq.video, 4, seq.meta), [2, 4, 5, 6])
+
+
+def test_blank_question_is_a_counted_skip_before_the_template(tmp_path):
+    """MVBench wraps the question in its system text and options, so the final prompt is never empty:
+    the record's own question is checked (by the shared video base, for every video benchmark)."""
+    write_mvbench(tmp_path)
+    path = tmp_path / "json" / "action_count.json"
+    records = json.loads(path.read_text())
+    blank = {"video": "count1.mp4", "candidates": ["1", "2"], "answer": "1"}
+    records += [{**blank, "question": " \t\n "}, {**blank, "question": ""}, {**blank, "question": None}]
+    path.write_text(json.dumps(records))
+    items = list(MVBench(tmp_path, tasks=["action_count"], num_frames=4).load())
+    assert [x.id for x in samples(items)] == ["action_count/0000"]
+    reasons = {e.id: e.reason for e in errors(items)}
+    assert {k: reasons[k] for k in ("action_count/0003", "action_count/0004", "action_count/0005")} == {
+        "action_count/0003": "empty question (whitespace only)",
+        "action_count/0004": "empty question",
+        "action_count/0005": "no question",
+    }
+    # a parquet benchmark: NaN from a gap counts as missing
+    write_activitynet(tmp_path / "anet")
+    frame = pd.read_parquet(tmp_path / "anet" / "data" / "test-00000-of-00001.parquet")
+    frame.loc[0, "question"], frame.loc[1, "question"] = "   ", None
+    frame.to_parquet(tmp_path / "anet" / "data" / "test-00000-of-00001.parquet")
+    reasons = {e.id: e.reason for e in errors(ActivityNetQA(tmp_path / "anet").load())}
+    assert reasons["v_abc_1"] == "empty question (whitespace only)" and reasons["v_def_2"] == "no question"
 
 
 def test_mvbench_lmms_eval_layout_has_no_bounds(tmp_path):

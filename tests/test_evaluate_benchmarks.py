@@ -19,6 +19,8 @@ import pytest
 import torch
 from fixtures import (
     CORRUPT_B64,
+    RED,
+    b64,
     gray_video,
     mme_rows,
     mmvet_rows,
@@ -73,6 +75,7 @@ class Case:
     keys: dict[str, set[str]]  # score[<key>] must have exactly these keys (the official aggregation)
     overrides: list[str] = field(default_factory=list)
     accuracy: bool = False  # score.overall is % of rows whose extracted letter is the answer
+    reasons: dict[str, str] = field(default_factory=dict)  # id -> the start of its error in predictions.jsonl
 
     def __str__(self) -> str:
         return self.benchmark
@@ -83,16 +86,18 @@ CASES = [
     Case("mme", "tiny_qwen2vl", "fastv", 4, {"5", "6", "7", "8", "9"},
          {"categories": {"existence", "code_reasoning"}}),
     Case("pope", "tiny_llava_ov", "random", 2, {"2"}, {"splits": {"adversarial", "popular", "random"}}),
-    Case("seedbench", "tiny_vila", "pdrop", 2, {"12"}, {"categories": {"Scene Understanding", "Instance Identity"}},
-         accuracy=True),
+    Case("seedbench", "tiny_vila", "pdrop", 2, {"12", "13", "14"},
+         {"categories": {"Scene Understanding", "Instance Identity"}}, accuracy=True,
+         reasons={"13": "empty question", "14": "invalid UTF-8 in column 'question'"}),
     Case("mmvet", "tiny_qwen2vl", "random", 1, {"v1"}, {"capabilities": {"ocr", "math"}, "combinations": {"ocr_math"}},
          ["judge=fake"]),
     Case("videomme", "tiny_llava_ov", "fastv", 2, {"003-1"},
          {"durations": {"short", "medium"}, "domains": {"Knowledge", "Film & Television"},
           "task_types": {"Counting Problem", "OCR Problems"}}, VIDEO, accuracy=True),
-    Case("mvbench", "tiny_vila", "random", 3, {"action_count/0001", "action_count/0002"},
+    Case("mvbench", "tiny_vila", "random", 3, {"action_count/0001", "action_count/0002", "action_count/0003"},
          {"tasks": {"action_count", "action_sequence", "episodic_reasoning"}},
-         [*VIDEO, "benchmark.tasks=[action_count,action_sequence,episodic_reasoning]"], accuracy=True),
+         [*VIDEO, "benchmark.tasks=[action_count,action_sequence,episodic_reasoning]"], accuracy=True,
+         reasons={"action_count/0003": "empty question"}),
     Case("mmbench_video", "tiny_qwen2vl", "pdrop", 1, {"12", "13"},
          {"fine_all": {"Event Recognition", "Causal Reasoning"},
           "coarse_all": {"FP-S", "TR", "Perception", "Reasoning", "Overall"}}, [*VIDEO, "judge=fake"]),
@@ -116,15 +121,27 @@ def data_roots(tmp_path_factory) -> dict[str, Path]:
     write_tsv(roots["pope"] / "POPE.tsv", pope_rows())
     corrupt = dict(index=12, image=CORRUPT_B64, question="Broken?", A="x", B="y", C="z", D="w", answer="A",
                    category="Instance Identity")
-    write_tsv(roots["seedbench"] / "SEEDBench_IMG.tsv", [*seedbench_rows(), corrupt])
+    blank = dict(corrupt, index=13, image="10", question=" \t ")  # the MCQ template would hide it
+    bad_bytes = dict(corrupt, index=14, image="10", question="Which one? <BAD>")
+    write_bad_bytes(roots["seedbench"] / "SEEDBench_IMG.tsv", [*seedbench_rows(), corrupt, blank, bad_bytes])
     write_tsv(roots["mmvet"] / "MMVet.tsv", mmvet_rows())
     write_videomme(roots["videomme"])
     write_mvbench(roots["mvbench"])
+    counts = roots["mvbench"] / "json" / "action_count.json"  # + a blank question: action_count/0003
+    blank_record = {"video": "count1.mp4", "question": "   ", "candidates": ["1", "2"], "answer": "1"}
+    counts.write_text(json.dumps([*json.loads(counts.read_text()), blank_record]))
     write_mmbench_video(roots["mmbench_video"])
     write_nextqa(roots["nextqa_mc"])
     write_nextqa(roots["nextqa_oe"])
     write_activitynet(roots["activitynetqa"])
     return roots
+
+
+def write_bad_bytes(path: Path, rows: list[dict]) -> Path:
+    """The TSV as VLMEvalKit writes it, then each "<BAD>" replaced by bytes that are not UTF-8."""
+    write_tsv(path, rows)
+    path.write_bytes(path.read_bytes().replace(b"<BAD>", b"\xff\xfe"))
+    return path
 
 
 def run_task(overrides: list[str], out_dir: Path):
@@ -166,6 +183,10 @@ def test_benchmark_end_to_end(case: Case, data_roots, tmp_path):
     assert {r["id"] for r in rows if "error" in r} == case.errors
     assert results["num_samples"] == len(scored) == case.samples
     assert results["num_errors"] == sum(results["errors"].values()) == len(case.errors)
+    logged = {r["id"]: r["error"] for r in rows if "error" in r}
+    for sample_id, reason in case.reasons.items():  # counted under their own reason, never sent to the model
+        assert logged[sample_id].startswith(reason), logged[sample_id]
+        assert any(key.startswith(reason) for key in results["errors"]), results["errors"]
     assert (results["benchmark"], results["method"], results["model"]) == (case.benchmark, case.method, case.model)
     assert results["judge"] == ("fake-judge" if "judge=fake" in case.overrides else None)
 
@@ -201,6 +222,23 @@ def test_benchmark_end_to_end(case: Case, data_roots, tmp_path):
     assert eff["kv_cache_bytes"] == pytest.approx(np.mean([r["kv_cache_bytes"] for r in scored]))
     assert eff["kv_cache_bytes"] > 0
     assert eff["prefill_seconds"] > 0 and eff["decode_seconds"] >= 0
+
+
+def test_strict_makes_a_bad_row_fatal_naming_it(tmp_path, capsys):
+    """strict=true: the invalid-UTF-8 row stops the job (exit 2) with one line naming the row, the
+    path of every counted SampleError; it comes first, so no sample is generated before it."""
+    root = tmp_path / "data"
+    root.mkdir()
+    bad = dict(index=20, image=b64(RED), question="Which one? <BAD>", A="x", B="y", answer="A", category="c")
+    write_bad_bytes(root / "SEEDBench_IMG.tsv", [bad, *seedbench_rows()])
+    overrides = ["model=tiny_vila", "benchmark=seedbench", f"benchmark.root={root}", "method=random",
+                 f"method.retention={RETENTION}", "benchmark.max_new_tokens=4", "strict=true"]
+    with pytest.raises(SystemExit) as exit_:
+        run_task(overrides, tmp_path / "run")
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: sample '20': invalid UTF-8 in column 'question'"), lines
+    assert lines[-1].endswith("(strict=true)") and "Traceback" not in "".join(lines)
 
 
 def decoded(path: Path, indices: list[int]) -> list[Image.Image]:

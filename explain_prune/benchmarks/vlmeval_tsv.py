@@ -16,6 +16,10 @@ Format (VLMEvalKit `docs/en/Development.md`, `vlmeval/dataset/image_base.py`): o
 
 Cells are read as strings and only *empty* cells count as missing (pandas' default would also turn
 literal texts such as "None" or "NA" into NaN and drop a real option called "None").
+
+The file is decoded as UTF-8 row by row in effect: bytes that are not UTF-8 are kept (as lone
+surrogates, `surrogateescape`) and make *their* row a counted SampleError naming it, while every
+other row is read; only a header that is not UTF-8 (the file is not a TSV at all) refuses the file.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from PIL import Image
 
 from explain_prune.benchmarks.base import Benchmark, require_columns
 from explain_prune.core import InputError, RowError, Sample, SampleError, resolve_data_root
+from explain_prune.core.sample import check_question, require_question
 from explain_prune.benchmarks.base import percent  # noqa: F401  (re-exported to the benchmark modules)
 
 IMAGE_REF_MAX_CHARS = 64  # an `image` value this short is the index of another row
@@ -61,12 +66,46 @@ def find_tsv(root: str | Path, dataset: str) -> Path:
     )
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]+")  # what `surrogateescape` makes of bytes that are not UTF-8
+
+
 def read_tsv(path: str | Path) -> pd.DataFrame:
-    """The whole table as strings; empty cells are NaN."""
+    """The whole table as strings; empty cells are NaN.
+
+    Decoded with `surrogateescape`, so one row's invalid bytes do not refuse the file (strict
+    decoding fails the whole read, naming only a byte offset); `not_utf8` finds them per row.
+    dtype=object: pandas' string dtype cannot hold those surrogates (and copying hundreds of MB of
+    base64 into it is slower than keeping the parsed Python strings)."""
+    not_tsv = f"cannot parse {path} as a VLMEvalKit TSV"
     try:
-        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot parse {path} as a VLMEvalKit TSV: {err}") from err
+        frame = pd.read_csv(
+            path, sep="\t", dtype=object, keep_default_na=False, na_values=[""],
+            encoding="utf-8", encoding_errors="surrogateescape",
+        )
+    except UnicodeError as err:  # pandas' string column index refuses a header holding such bytes
+        raise InputError(f"{not_tsv}: its header is not UTF-8 text") from err
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise InputError(f"{not_tsv}: {err}") from err
+    if any(not_utf8(str(name)) for name in frame.columns):  # an object column index keeps them
+        raise InputError(f"{not_tsv}: its header is not UTF-8 text")
+    return frame
+
+
+def not_utf8(text: str) -> str | None:
+    """Where `text` (read with `surrogateescape`) held bytes that are not UTF-8, or None.
+    `isascii` is O(1) in CPython, so the large base64 cells cost nothing here."""
+    if text.isascii():
+        return None
+    match = _NOT_UTF8.search(text)
+    if match is None:
+        return None
+    raw = match.group().encode("utf-8", "surrogateescape")[:8]
+    return f"byte(s) {raw!r} at character {match.start()}"
+
+
+def printable(text: str) -> str:
+    """`text` with bytes that are not UTF-8 shown as \\xNN escapes (for ids and messages)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def cell(value: Any) -> str | None:
@@ -156,6 +195,9 @@ class VLMEvalTable:
             raise InputError(f"{self.path} has neither an 'image' nor an 'image_path' column")
         self.columns = list(frame.columns)
         self.records = [{k: cell(v) for k, v in rec.items()} for rec in frame.to_dict("records")]
+        # row position -> why it is unreadable: a row with bytes that are not UTF-8 is skipped whole
+        # (its text, or its image, is not what the file meant)
+        self.undecodable = {pos: reason for pos, rec in enumerate(self.records) if (reason := self._not_utf8(rec, pos))}
         index = [r["index"] for r in self.records]
         if any(i is None for i in index):
             raise InputError(f"{self.path} has rows with an empty 'index'")
@@ -169,9 +211,19 @@ class VLMEvalTable:
     def __len__(self) -> int:
         return len(self.records)
 
+    def _not_utf8(self, rec: dict[str, str | None], position: int) -> str | None:
+        for name, value in rec.items():
+            where = None if value is None else not_utf8(value)
+            if where is not None:
+                return f"invalid UTF-8 in column {name!r}: {where} (data row {position + 1} of {self.path.name})"
+        return None
+
     def rows(self) -> Iterator[TSVRow | SampleError]:
-        for rec in self.records:
+        for position, rec in enumerate(self.records):
             idx = rec["index"]
+            if position in self.undecodable:
+                yield SampleError(id=printable(idx), reason=self.undecodable[position])
+                continue
             try:
                 images, key = self._images(rec)
             except RowError as err:
@@ -266,11 +318,9 @@ class VLMEvalImageBenchmark(Benchmark):
             if row.get("answer") is None or not row.get("answer").strip():
                 yield SampleError(id=row.index, reason="row has no answer")
                 continue
-            if row.get("question") is None:
-                yield SampleError(id=row.index, reason="row has no question")
-                continue
             try:
-                yield self.make_sample(row)
+                require_question(row.get("question"))  # before the template can hide a blank one
+                yield check_question(self.make_sample(row))
             except RowError as err:
                 yield SampleError(id=row.index, reason=str(err))
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from explain_prune.core.errors import InputError
+from explain_prune.core.errors import InputError, RowError
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
@@ -56,6 +56,32 @@ class Sample:
         if self.video is not None:
             return "video"
         return "image" if self.images else "text"
+
+
+def require_question(text: str | None) -> str:
+    """`text` unchanged if it holds a non-whitespace character; else RowError ("no question" when
+    missing, "empty question" when empty or whitespace only).
+
+    Readers apply it to the source's own question *before* a prompt template wraps it: the template's
+    fixed text ("Question: ... Options: ...", "... Please answer yes or no.") would otherwise hide a
+    blank question from the model's check of the final prompt, and the model would be asked nothing."""
+    if text is None:
+        raise RowError("no question")
+    if not isinstance(text, str):
+        raise RowError(f"question is not text ({type(text).__name__})")
+    if not text.strip():
+        raise RowError("empty question" + (" (whitespace only)" if text else ""))
+    return text
+
+
+def check_question(sample: Sample) -> Sample:
+    """`sample`, after `require_question` on its prompt and on the source question it was built from
+    (`meta["question"]`, which the benchmarks keep for their scorers and judges), so that a blank
+    question is a counted skip at the reader whatever a reader's own template did with it."""
+    require_question(sample.question)
+    if "question" in sample.meta:
+        require_question(sample.meta["question"])
+    return sample
 
 
 @dataclass(frozen=True)
