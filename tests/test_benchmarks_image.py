@@ -412,8 +412,27 @@ def test_pope_score_hand_computed():
     assert out["splits"]["popular"]["f1"] == pytest.approx(100 * 2 / 3)
     # random: no predicted positive -> P = R = F1 = 0; acc 1/2 (the TN); yes-ratio 0
     assert out["splits"]["random"] == pytest.approx(
-        {"accuracy": 50.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0, "n": 2})
+        {"accuracy": 50.0, "accuracy_unknown_as_no": 50.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0, "n": 2})
     assert out["unknown_answers"] == 1
+
+
+def test_pope_accuracy_counts_unknown_wrong_as_the_reference():
+    """VLMEvalKit (e8e78f05) vlmeval/dataset/image_yorn.py scores a row `answer == extracted`, and
+    utils/yorn.py POPE_rating's acc is that score's mean, while its F1 reads y_pred = extracted == "Yes".
+    Where the two readings differ — "Unknown" for a truth-No question — the reference counts it wrong."""
+    bench = BENCHMARKS["pope"]()
+    records = [
+        rec(1, "I don't know", "No", category="random"),   # Unknown, truth No: wrong for the reference
+        rec(2, "no", "No", category="random"),             # right
+        rec(3, "yes", "Yes", category="random"),           # right
+        rec(4, "it may or may not", "Yes", category="random"),  # Unknown, truth Yes: wrong either way
+    ]
+    out = bench.score(records)
+    assert out["accuracy"] == pytest.approx(50.0)  # 2 of 4: the reference rule
+    assert out["accuracy_unknown_as_no"] == pytest.approx(75.0)  # the old rule credits row 1
+    # precision / recall / F1 are the same under both readings: TP 1, FP 0, FN 1
+    assert (out["precision"], out["recall"]) == (pytest.approx(100.0), pytest.approx(50.0))
+    assert out["f1"] == pytest.approx(100 * 2 / 3)
 
 
 def test_mcq_score_hand_computed():
@@ -489,10 +508,15 @@ def test_mmvet_score_with_fake_judge_hand_computed():
     ]
     judge = FakeJudge()
     out = bench.score(records, judge=judge)
-    # overall (1.0 + 0.5 + 0.0) / 3 = 0.5 -> 50; rec (1.0 + 0.5)/2 = 75; ocr (0.5 + 0)/2 = 25; math 0
+    # overall (1.0 + 0.5 + 0.0) / 3 = 0.5 -> 50
     assert out["overall"] == pytest.approx(50.0)
-    assert out["capabilities"] == pytest.approx({"rec": 75.0, "ocr": 25.0, "math": 0.0})
-    assert out["combinations"] == pytest.approx({"ocr_math": 0.0, "rec": 100.0, "rec_ocr": 50.0})
+    # VLMEvalKit e8e78f05 vlmeval/dataset/utils/mmvet.py MMVet_acc: tot[capa] and tot[cate2] are one
+    # dict, so the single-capability item 1 ("rec") is counted twice: rec = (1 + 1 + 0.5) / 3
+    assert out["capabilities"] == pytest.approx({"rec": 250 / 3, "ocr": 25.0, "math": 0.0})
+    assert out["combinations"] == pytest.approx({"ocr_math": 0.0, "rec": 250 / 3, "rec_ocr": 50.0})
+    # each item once: rec (1.0 + 0.5)/2 = 75; ocr (0.5 + 0)/2 = 25; math 0; combination rec = item 1 alone
+    assert out["capabilities_corrected"] == pytest.approx({"rec": 75.0, "ocr": 25.0, "math": 0.0})
+    assert out["combinations_corrected"] == pytest.approx({"ocr_math": 0.0, "rec": 100.0, "rec_ocr": 50.0})
     assert out["judge"]["type"] == "fake" and out["judge"]["model"] == "fake-judge"
     assert out["judge_failed"] == 0
     assert [r.meta["judge_score"] for r in records] == [1.0, 0.5, 0.0]

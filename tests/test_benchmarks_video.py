@@ -336,12 +336,33 @@ def test_mvbench_scoring_by_hand():
             options={"A": "the blue cup", "B": "the red cup"}),  # can_infer by option text -> B: right
         rec(5, "C) under the box", "C", task="object_shuffle", options={"A": "x", "B": "y", "C": "z"}),  # right
     ]
-    res = MVBench("unused").score(records)
+    res = MVBench("unused", answer_rule="first_token_can_infer").score(records)
+    assert res["extraction_id"] == "mvbench_first_token_can_infer"
     assert res["tasks"] == pytest.approx({"action_count": 100 / 3, "object_shuffle": 100.0})  # 1/3, 2/2
     assert res["overall"] == pytest.approx(60.0)  # 3 of 5
     assert res["task_mean"] == pytest.approx((100 / 3 + 100) / 2)
     assert res["answered"] == 4 and res["overall_answered"] == pytest.approx(75.0)  # lmms-eval: 3 of 4 answered
     assert [r.extracted for r in records] == ["B", "A", None, "B", "C"]
+
+
+@pytest.mark.parametrize(("prediction", "right"), [
+    ("", True), ("(", True), (")", True), (".", True), ("b", True), ("(B)", True), ("B.", True),
+    ("(b)the red cup", True), ("A", False), ("(A) two", False), ("The answer is (B)", True),
+    ("The answer is (A)", False), ("b\nred", False),
+])
+def test_mvbench_reference_answer_rule(prediction, right):
+    """Facts of VLMEvalKit e8e78f05 vlmeval/dataset/utils/mvbench.py check_ans_with_model (exact matching;
+    true option "(B) two"): the first ' '-token, lower-cased, "."-free, is a substring of "(b)" or contains
+    it, else can_infer must give B. "", "(", ")" and "." pass the substring test; "b\nred" is one token
+    that neither contains "(b)" nor names an option, and can_infer finds no single letter in it."""
+    opts3 = {"A": "one", "B": "two", "C": "three"}
+    record = rec(1, prediction, "B", task="action_count", options=opts3)
+    res = MVBench("unused").score([record])
+    assert res["extraction_id"] == "vlmeval_mvbench_check_ans"
+    assert res["overall"] == (100.0 if right else 0.0)
+    strict = MVBench("unused", answer_rule="first_token_can_infer").score([rec(1, prediction, "B", task="action_count", options=opts3)])
+    if prediction in ("", "(", ")", "."):
+        assert strict["overall"] == 0.0  # the project's rule does not credit an empty answer
 
 
 # --- MMBench-Video --------------------------------------------------------------------------------

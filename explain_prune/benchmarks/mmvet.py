@@ -15,8 +15,10 @@ correctness score. The reply is parsed as a float in [0, 1] (a finite number, no
 (i = 0..4) uses temperature 0.5·i; after 5 unparsable replies the score is 0.0. A judge that cannot
 be reached (after its own transport retries) also gives 0.0 and is counted in `judge_failed`; if
 *every* item fails that way scoring stops with an error instead of reporting 0. Reported ×100:
-`overall` (mean over all questions), per capability (an item counts for every capability it lists),
-and per capability combination (category with "," -> "_").
+`overall` (mean over all questions), per capability and per capability combination (category with
+"," -> "_") as VLMEvalKit's `MMVet_acc` computes them — a single-capability item counts twice for
+its capability (`capability_tables`) — and the same two tables with every item counted once
+(`capabilities_corrected`, `combinations_corrected`).
 """
 
 from __future__ import annotations
@@ -105,6 +107,32 @@ def rule_grade(answer: str, prediction: str) -> float:
     return 1.0 if gt.strip().lower() in pred else 0.0
 
 
+def capability_tables(
+    records: list[Record], grades: list[float]
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
+    """(reference, per capability, per combination) grade lists.
+
+    The reference is VLMEvalKit's `MMVet_acc` (vlmeval/dataset/utils/mmvet.py, e8e78f05): one table for
+    both capabilities and combinations, a capability matched as a substring of the category. A
+    single-capability item ("rec") is therefore counted twice under its capability, and a
+    single-capability combination reports that merged number. The other two tables count each item
+    once per capability it lists and once in its own combination."""
+    shared: dict[str, list[float]] = {}
+    caps: dict[str, list[float]] = {}
+    combos: dict[str, list[float]] = {}
+    for rec, value in zip(records, grades):
+        category = rec.meta.get("category") or ""
+        combo = category.replace(",", "_")
+        for cap in CAPABILITIES:
+            if cap in category:
+                shared.setdefault(cap, []).append(value)
+        shared.setdefault(combo, []).append(value)
+        for cap in (c.strip() for c in category.split(",") if c.strip()):
+            caps.setdefault(cap, []).append(value)
+        combos.setdefault(combo, []).append(value)
+    return shared, caps, combos
+
+
 @BENCHMARKS.register("mmvet")
 class MMVet(VLMEvalImageBenchmark):
     tsv_name = "MMVet"
@@ -180,20 +208,17 @@ class MMVet(VLMEvalImageBenchmark):
             last = records[-1].meta["judge_log"][-1]
             raise InputError(f"the judge could not be reached for any of the {len(records)} items ({last})")
 
-        caps: dict[str, list[float]] = {}
-        combos: dict[str, list[float]] = {}
-        for rec, value in zip(records, grades):
-            category = rec.meta.get("category") or ""
-            for cap in (c.strip() for c in category.split(",") if c.strip()):
-                caps.setdefault(cap, []).append(value)
-            combos.setdefault(category.replace(",", "_"), []).append(value)
+        shared, caps, combos = capability_tables(records, grades)
         order = [c for c in CAPABILITIES if c in caps] + sorted(set(caps) - set(CAPABILITIES))
+        mean = lambda values: percent(sum(values), len(values))  # noqa: E731
         return {
             **self.describe(),
             "n": len(records),
-            "overall": percent(sum(grades), len(grades)),
-            "capabilities": {c: percent(sum(caps[c]), len(caps[c])) for c in order},
-            "combinations": {k: percent(sum(v), len(v)) for k, v in sorted(combos.items())},
+            "overall": mean(grades),
+            "capabilities": {c: mean(shared[c]) for c in CAPABILITIES if c in shared},
+            "combinations": {k: mean(shared[k]) for k in sorted(combos)},
+            "capabilities_corrected": {c: mean(caps[c]) for c in order},
+            "combinations_corrected": {k: mean(v) for k, v in sorted(combos.items())},
             "judge": judge.describe(),
             "judge_failed": unreachable,
             "judge_unparsable": exhausted,

@@ -26,11 +26,16 @@ n frames over frame indices [s, e] (s = max(first, round(start·fps)), e = min(r
 whole video without a bound), seg = (e − s)/n and index_i = int(s + seg/2 + round(seg·i)). The
 adapters apply the bounds through `data.video.read_sample_frames`, with the video's average fps.
 
-Extraction `mvbench_first_token_can_infer` (VLMEvalKit `check_ans` under exact matching): the first
-whitespace token of the answer with brackets/punctuation stripped, if it is one of the option
-letters (case-insensitive, as `check_ans` lower-cases); otherwise VLMEvalKit `can_infer`
-(`extract.extract_option_letter`) over the candidates. An empty answer is wrong (VLMEvalKit's
-substring test would count it right — a bug not reproduced).
+Answer rule (`answer_rule`, recorded as the extraction id):
+* `vlmevalkit_check_ans` (default; VLMEvalKit e8e78f05 vlmeval/dataset/mvbench.py `evaluate` ->
+  utils/mvbench.py `check_ans_with_model` with exact matching): the answer's first space-separated
+  token, lower-cased, with "." removed, is a substring of the true option "(x)", or "(x)" is a
+  substring of that token; otherwise VLMEvalKit `can_infer` over the candidates
+  (`extract.extract_option_letter`) must give the true letter. The substring test also credits "",
+  "(", ")" and "." — the reference's behaviour, reproduced because its numbers are the ones compared.
+* `first_token_can_infer` (the project's stricter rule): the first whitespace token with
+  brackets/punctuation stripped, if it is an option letter; otherwise `can_infer`. An empty or
+  bracket-only answer is wrong.
 
 Scoring (VLMEvalKit `get_dimension_rating`): accuracy in % per task and `overall` = correct / all
 questions; also `task_mean` (mean of the task accuracies; equal to overall on the full 20×200
@@ -122,6 +127,16 @@ def read_frame_folder(
 _STRIP = "()[]{}.,:;!*#'\""
 
 
+ANSWER_RULES = {"vlmevalkit_check_ans": "vlmeval_mvbench_check_ans", "first_token_can_infer": "mvbench_first_token_can_infer"}
+
+
+def check_ans(prediction: str, letter: str) -> bool:
+    """VLMEvalKit's substring test of the first token against the true option "(x)"."""
+    token = prediction.lower().strip().split(" ")[0]
+    option = f"({letter.lower()})"
+    return token.replace(".", "") in option or option in token
+
+
 def first_token_letter(prediction: str, letters: Sequence[str]) -> str | None:
     """The option letter written as the first token ("A", "(a)", "B)", "C." ...), else None."""
     tokens = str(prediction).split()
@@ -135,14 +150,25 @@ def first_token_letter(prediction: str, letters: Sequence[str]) -> str | None:
 class MVBench(VideoBenchmark):
     env_var = "MVBENCH_ROOT"
     prompt_id = "vlmeval_mvbench"
-    extraction_id = "mvbench_first_token_can_infer"
+    extraction_id = ANSWER_RULES["vlmevalkit_check_ans"]
     frame_sampling = "centers"
     max_new_tokens = 16
 
-    def __init__(self, root=None, layout: str = "vlmevalkit", tasks: Sequence[str] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        root=None,
+        layout: str = "vlmevalkit",
+        tasks: Sequence[str] | None = None,
+        answer_rule: str = "vlmevalkit_check_ans",
+        **kwargs: Any,
+    ):
         if kwargs.get("data_file") not in (None, ""):
             raise InputError("mvbench reads json/<task>.json for each task; select tasks with `tasks`, not data_file")
+        if answer_rule not in ANSWER_RULES:
+            raise InputError(f"mvbench: unknown answer_rule {answer_rule!r} (known: {', '.join(ANSWER_RULES)})")
         super().__init__(root, **kwargs)
+        self.answer_rule = answer_rule
+        self.extraction_id = ANSWER_RULES[answer_rule]
         if layout not in LAYOUTS:
             raise InputError(f"mvbench: unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
         self.layout = layout
@@ -242,7 +268,10 @@ class MVBench(VideoBenchmark):
         answered = correct_answered = 0
         for rec in records:
             pred = "" if rec.prediction is None else str(rec.prediction)
-            rec.extracted = self.extract(pred, rec.meta) if pred.strip() else None
+            if self.answer_rule == "vlmevalkit_check_ans":
+                rec.extracted = rec.answer if check_ans(pred, rec.answer) else extract_option_letter(pred, rec.meta["options"])
+            else:
+                rec.extracted = self.extract(pred, rec.meta) if pred.strip() else None
             ok = int(rec.extracted is not None and rec.extracted == rec.answer)
             per_task.setdefault(rec.meta["task"], []).append(ok)
             if pred.strip():

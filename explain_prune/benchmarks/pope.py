@@ -8,10 +8,14 @@ the column *before* computing the overall numbers too).
 Prompt `vlmeval_qwen2vl_yorn`: question + " Please answer yes or no." (VLMEvalKit's Y/N prompt for
 POPE with Qwen2-VL). Extraction `vlmeval_yorn` (`extract.extract_yes_no`).
 
-Scoring (positive class = "Yes"; an "Unknown" extraction counts as a "No" prediction, as in
-VLMEvalKit): accuracy, precision, recall, F1 and yes-ratio (share of "Yes" predictions, POPE's own
-definition; lmms-eval's `pope_yes_ratio` instead counts ground-truth "yes"), all in %, overall and
-per split. `overall` is the overall F1 — what VLMEvalKit reports as POPE "Overall".
+Scoring follows VLMEvalKit's `POPE_rating` (vlmeval/dataset/utils/yorn.py, with the per-row score of
+vlmeval/dataset/image_yorn.py, `score = answer == extracted`; VLMEvalKit e8e78f05, file last changed
+in 401916c0): precision, recall and F1 treat an "Unknown" extraction as a "No" prediction, while
+accuracy counts it wrong — so "I don't know" to a truth-No question is not a correct answer.
+`accuracy_unknown_as_no` is the accuracy with "Unknown" read as "No" (what this project reported
+before; an extra field, not the reference). Also the yes-ratio (share of "Yes" predictions, POPE's
+own definition; lmms-eval's `pope_yes_ratio` instead counts ground-truth "yes"), all in %, overall
+and per split. `overall` is the overall F1 — what VLMEvalKit reports as POPE "Overall".
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ from explain_prune.benchmarks.base import BENCHMARKS
 YORN_SUFFIX = " Please answer yes or no."
 
 
-def binary_metrics(pairs: list[tuple[bool, bool]]) -> dict[str, float]:
-    """(truth is Yes, prediction is Yes) pairs -> accuracy/precision/recall/F1/yes_ratio in %.
+def binary_metrics(rows: list[tuple[str, str]]) -> dict[str, float]:
+    """(answer, extracted) pairs, each "Yes" / "No" (extracted may be "Unknown") -> accuracy /
+    precision / recall / F1 / yes_ratio in %.
 
     Precision (recall) is 0 when there is no predicted (true) positive, F1 is 0 when both are 0."""
+    pairs = [(answer == "Yes", extracted == "Yes") for answer, extracted in rows]
     tp = sum(t and p for t, p in pairs)
     fp = sum((not t) and p for t, p in pairs)
     fn = sum(t and (not p) for t, p in pairs)
@@ -44,7 +50,8 @@ def binary_metrics(pairs: list[tuple[bool, bool]]) -> dict[str, float]:
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {
-        "accuracy": percent(sum(t == p for t, p in pairs), len(pairs)),
+        "accuracy": percent(sum(answer == extracted for answer, extracted in rows), len(rows)),
+        "accuracy_unknown_as_no": percent(sum(t == p for t, p in pairs), len(pairs)),
         "precision": 100.0 * precision,
         "recall": 100.0 * recall,
         "f1": 100.0 * f1,
@@ -79,17 +86,16 @@ class POPE(VLMEvalImageBenchmark):
         return extract_yes_no(prediction)
 
     def score(self, records: list[Record], judge: Any = None) -> dict[str, Any]:
-        exploded: list[tuple[str, bool, bool]] = []
+        exploded: list[tuple[str, str, str]] = []  # (split, answer, extracted), a row once per split
         unknown = 0
         for rec in records:
             rec.extracted = self.extract(rec.prediction, rec.meta)
             unknown += rec.extracted == "Unknown"
-            truth, pred = rec.answer == "Yes", rec.extracted == "Yes"
             splits = rec.meta.get("splits") or split_names(rec.meta.get("category"))
-            exploded.extend((s, truth, pred) for s in splits)
-        overall = binary_metrics([(t, p) for _, t, p in exploded])
+            exploded.extend((s, rec.answer, rec.extracted) for s in splits)
+        overall = binary_metrics([(a, e) for _, a, e in exploded])
         splits = {
-            s: binary_metrics([(t, p) for name, t, p in exploded if name == s])
+            s: binary_metrics([(a, e) for name, a, e in exploded if name == s])
             for s in sorted({name for name, _, _ in exploded})
         }
         return {
@@ -97,7 +103,7 @@ class POPE(VLMEvalImageBenchmark):
             "n": len(records),
             "n_exploded": len(exploded),
             "overall": overall["f1"],
-            **{k: overall[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")},
+            **{k: overall[k] for k in ("accuracy", "accuracy_unknown_as_no", "precision", "recall", "f1", "yes_ratio")},
             "splits": splits,
             "unknown_answers": unknown,
         }
