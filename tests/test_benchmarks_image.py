@@ -32,8 +32,7 @@ from explain_prune.benchmarks.extract import (
 from explain_prune.benchmarks.judge import JudgeReply
 from explain_prune.benchmarks.mmvet import grader_prompt, parse_grade, rule_grade
 from explain_prune.benchmarks.vlmeval_tsv import mcq_prompt, resolve_root
-from explain_prune.core import InputError, RowError, Sample, SampleError
-from explain_prune.core.sample import check_question
+from explain_prune.core import InputError, Sample, SampleError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -270,9 +269,6 @@ def test_blank_question_is_a_counted_skip_before_the_template(tmp_path):
     assert errors == {"13": "empty question (whitespace only)", "14": "no question"}
     write_tsv(tmp_path / "POPE.tsv", [dict(index=0, image=b64(RED), question=" \n ", answer="Yes", category="random")])
     assert split_items(list(build_benchmark("pope", tmp_path).load())) == ([], {"0": "empty question (whitespace only)"})
-    # the shared check also looks at the source question a sample keeps in its meta
-    with pytest.raises(RowError, match="empty question"):
-        check_question(Sample(id="s", question="Question: \nOptions:\nA. a", meta={"question": ""}))
 
 
 # --- extraction rules -----------------------------------------------------------------------------

@@ -370,7 +370,6 @@ def test_missing_openai_package_is_a_one_line_input_error(monkeypatch):
 def test_5xx_and_429_are_retried_by_the_openai_client(server, retry_sleeps):
     judge = make_judge(server, max_retries=2)
     server.script = ["500"]
-    start = time.monotonic()
     reply = judge.complete("p")
     assert reply.ok and reply.attempts == 2 and len(server.seen) == 2 and judge.requests_sent == 2
     assert retry_sleeps == [2]  # the client paced one retry of its own, with 2 retries left
@@ -378,7 +377,6 @@ def test_5xx_and_429_are_retried_by_the_openai_client(server, retry_sleeps):
     server.script = ["429", "500", "500"]  # one more failure than the budget: recorded, not raised
     reply = judge.complete("q")
     assert not reply.ok and reply.attempts == 3 and "HTTP 500" in reply.error and len(server.seen) == 5
-    assert time.monotonic() - start < 3.0
 
 
 def test_no_key_never_falls_back_to_openai_api_key(server, monkeypatch):

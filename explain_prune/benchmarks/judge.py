@@ -8,8 +8,9 @@
   OPENAI_API_KEY is never picked up behind the config's back); it is sent as a Bearer header and
   nowhere else: not in `repr`, not in `describe()`, not in the cache, not in errors.
 * Retries: the openai client retries connection errors, timeouts, 429 and 5xx itself (`max_retries`,
-  its own backoff — 0.5 s doubling to 8 s with jitter, or the server's Retry-After); a reply with no message text (an HTML error page, no
-  choices) is retried here, from the same budget: at most `max_retries + 1` requests per prompt.
+  its own backoff — 0.5 s doubling to 8 s with jitter, or the server's Retry-After); a reply with
+  no message text (an HTML error page, no choices) is retried here, from the same budget: at most
+  `max_retries + 1` requests per prompt.
   Other HTTP errors fail at once. A failure is returned as a `JudgeReply(ok=False, error=...)`,
   never raised, so the caller records it.
 * Redaction: the value of the key (the environment variable that `api_key_env` names, when at least

@@ -31,7 +31,7 @@ import pandas as pd
 
 from explain_prune.benchmarks.base import Benchmark, require_columns
 from explain_prune.core import InputError, RowError, Sample, SampleError, resolve_data_root
-from explain_prune.core.sample import check_question, require_question
+from explain_prune.core.sample import require_question
 from explain_prune.benchmarks.base import percent  # noqa: F401  (re-exported to the benchmark modules)
 from explain_prune.data.video import SAMPLING_RULES
 
@@ -163,7 +163,6 @@ class VideoBenchmark(Benchmark):
     env_var: str = ""  # fallback for the data root
     frame_sampling: str = "linspace"  # the pinned rule (data.video.SAMPLING_RULES)
     video_extensions: tuple[str, ...] = (".mp4",)
-    question_field: str | None = "question"  # the record's question, checked before the template wraps it
 
     def __init__(
         self,
@@ -241,16 +240,15 @@ class VideoBenchmark(Benchmark):
                 continue
             try:
                 self._require_question(rec)
-                yield check_question(self.make_sample(rec))
+                yield self.make_sample(rec)
             except RowError as err:
                 yield SampleError(id=sample_id, reason=str(err))
 
     def _require_question(self, rec: dict[str, Any]) -> None:
         """A blank question is a skip before `make_sample` looks for (or decodes) the video; NaN /
-        pd.NA (parquet, CSV gaps) count as missing."""
-        if self.question_field is None:
-            return
-        value = rec.get(self.question_field)
+        pd.NA (parquet, CSV gaps) count as missing.  (The template's fixed text would hide it from
+        the models' check of the final prompt.)"""
+        value = rec.get("question")
         if not isinstance(value, str):
             value = None if is_missing(value) else str(value)
         require_question(value)

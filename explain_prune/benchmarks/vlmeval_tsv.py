@@ -41,7 +41,7 @@ from PIL import Image
 
 from explain_prune.benchmarks.base import Benchmark, require_columns
 from explain_prune.core import InputError, RowError, Sample, SampleError, resolve_data_root
-from explain_prune.core.sample import check_question, require_question
+from explain_prune.core.sample import require_question
 from explain_prune.benchmarks.base import percent  # noqa: F401  (re-exported to the benchmark modules)
 
 IMAGE_REF_MAX_CHARS = 64  # an `image` value this short is the index of another row
@@ -320,7 +320,7 @@ class VLMEvalImageBenchmark(Benchmark):
                 continue
             try:
                 require_question(row.get("question"))  # before the template can hide a blank one
-                yield check_question(self.make_sample(row))
+                yield self.make_sample(row)
             except RowError as err:
                 yield SampleError(id=row.index, reason=str(err))
 

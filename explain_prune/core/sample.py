@@ -74,16 +74,6 @@ def require_question(text: str | None) -> str:
     return text
 
 
-def check_question(sample: Sample) -> Sample:
-    """`sample`, after `require_question` on its prompt and on the source question it was built from
-    (`meta["question"]`, which the benchmarks keep for their scorers and judges), so that a blank
-    question is a counted skip at the reader whatever a reader's own template did with it."""
-    require_question(sample.question)
-    if "question" in sample.meta:
-        require_question(sample.meta["question"])
-    return sample
-
-
 @dataclass(frozen=True)
 class DeferredSample:
     """A sample made only when it is used: `id` up front, `read()` builds the Sample.  A stream whose

@@ -220,6 +220,7 @@ class CacheWriter:
         self.meta.setdefault("format", CACHE_FORMAT)
         self.index_path = self.directory / f"index-{self.part}.jsonl"
         self._buffer: list[dict[str, Any]] = []
+        self._meta_published = False
         self._lock = DirLock(self.directory / f".lock-{self.part}", f"cache {self.directory} (part {self.part})").acquire()
         try:
             self._check_meta()
@@ -239,22 +240,27 @@ class CacheWriter:
         shard rewrites it)."""
         if not (self.directory / META_FILE).is_file():
             return
-        existing = read_meta(self.directory)
-        expect = {k: self.meta.get(k) for k in (*IDENTITY_FIELDS, "config_hash")}
         try:
-            check_meta(existing, expect, self.directory)
+            check_meta(read_meta(self.directory), self._identity(), self.directory)
         except InputError:
             if self._holds_samples():
                 raise
             log.warning("cache %s holds no sample yet: its meta.json is replaced by this run's", self.directory)
 
+    def _identity(self) -> dict[str, Any]:
+        return {k: self.meta.get(k) for k in (*IDENTITY_FIELDS, "config_hash")}
+
     def _publish_meta(self) -> None:
-        """Write meta.json with the first shard (another part may have written it meanwhile)."""
+        """Before this writer's first shard: write meta.json, or check the one another part wrote
+        meanwhile."""
+        if self._meta_published:
+            return
         path = self.directory / META_FILE
         if path.is_file() and self._holds_samples():
-            check_meta(read_meta(self.directory), {k: self.meta.get(k) for k in (*IDENTITY_FIELDS, "config_hash")}, self.directory)
+            check_meta(read_meta(self.directory), self._identity(), self.directory)
         else:
             write_json_atomic(path, self.meta)
+        self._meta_published = True
 
     def _own_shards(self) -> dict[str, Path]:
         return {

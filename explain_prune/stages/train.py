@@ -1,11 +1,12 @@
 """What `python -m explain_prune.train` does, as plain functions of the composed config.
 
-run(cfg, output_dir): the cache ensured (built when `data.auto_generate`), then fit or validate.
+run(cfg, output_dir): cfg.ckpt_path read and checked (`read_checkpoint`, weights_only), the cache
+  ensured (built when `data.auto_generate`), then fit or validate.
 
-fit(cfg, cache_dirs): caches opened and verified -> datamodule -> CompressorModule -> Trainer.fit
-  (resuming from cfg.ckpt_path) -> the best f_θ exported as <output_dir>/compressor.safetensors ->
-  <output_dir>/results.json.
-validate(cfg, cache_dirs, output_dir, eval_dirs): a checkpoint's f_θ on the held-out split, or on
+fit(cfg, cache_dirs, output_dir, checkpoint): caches opened and verified -> datamodule ->
+  CompressorModule -> Trainer.fit (resuming from the checkpoint) -> the best f_θ exported as
+  <output_dir>/compressor.safetensors -> <output_dir>/results.json.
+validate(cfg, cache_dirs, output_dir, checkpoint, eval_dirs): a checkpoint's f_θ on the held-out split, or on
   other caches (e.g. longer sequences) -> the same metrics -> results.json.
 
 The caches are opened (and every bad input reported) before Lightning is imported, so a wrong
@@ -246,10 +247,11 @@ def check_resume_epochs(checkpoint: Checkpoint | None, cfg: DictConfig) -> None:
         )
 
 
-def fit(cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path) -> dict[str, Any]:
+def fit(
+    cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path, checkpoint: Checkpoint | None = None
+) -> dict[str, Any]:
+    """Train f_θ, resuming from `checkpoint` (read and epoch-checked by `run`, before the cache)."""
     output_dir = Path(output_dir)
-    checkpoint = read_checkpoint(cfg.get("ckpt_path"))
-    check_resume_epochs(checkpoint, cfg)
     ckpt_path = None if checkpoint is None else checkpoint.path
     lr = _number(cfg, "compressor.lr")
     # the primary cache must be the selected (model, data, modality); extra caches model + modality
@@ -296,6 +298,7 @@ def fit(cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path) -> d
         )
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    metrics_csv = _metrics_file(trainer)
     results = {
         "task": "train",
         "model": cfg.model.name,
@@ -313,8 +316,8 @@ def fit(cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path) -> d
         "best_score": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
         "last_checkpoint": checkpoint.last_model_path or None,
         "compressor": export.exported,
-        "metrics_csv": _metrics_file(trainer),
-        "metrics_csv_history": _metrics_history(_metrics_file(trainer)),
+        "metrics_csv": metrics_csv,
+        "metrics_csv_history": _metrics_history(metrics_csv),
         "resumed_from": ckpt_path,
         "config": _plain(cfg.compressor),
         "global_rank": int(trainer.global_rank),
@@ -325,10 +328,13 @@ def fit(cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path) -> d
 
 
 def validate(
-    cfg: DictConfig, cache_dirs: Sequence[Any], output_dir: str | Path, eval_dirs: Sequence[Any] | None = None
+    cfg: DictConfig,
+    cache_dirs: Sequence[Any],
+    output_dir: str | Path,
+    checkpoint: Checkpoint | None,
+    eval_dirs: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     output_dir = Path(output_dir)
-    checkpoint = read_checkpoint(cfg.get("ckpt_path"))
     if checkpoint is None:
         raise InputError("validate_only=true needs ckpt_path=<a .ckpt written by explain_prune.train>")
     ckpt_path = checkpoint.path
@@ -449,15 +455,15 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Train (or validate) and print where the results are; returns the results dict."""
     set_torch_threads(cfg)  # before the cache is built, which can be most of the work
     eval_dirs = _eval_dirs(cfg)
-    if not cfg.get("validate_only"):  # a checkpoint that cannot be resumed fails before any cache is built
-        check_resume_epochs(read_checkpoint(cfg.get("ckpt_path")), cfg)
+    checkpoint = read_checkpoint(cfg.get("ckpt_path"))  # a bad checkpoint fails before any cache is built
     if cfg.get("validate_only"):
         cache_dirs = ensure_cache(cfg) if eval_dirs is None else []
-        results = validate(cfg, cache_dirs, output_dir, eval_dirs=eval_dirs)
+        results = validate(cfg, cache_dirs, output_dir, checkpoint, eval_dirs=eval_dirs)
     else:
         if eval_dirs is not None:
             raise InputError("eval_cache is only used with validate_only=true")
-        results = fit(cfg, ensure_cache(cfg), output_dir)
+        check_resume_epochs(checkpoint, cfg)
+        results = fit(cfg, ensure_cache(cfg), output_dir, checkpoint)
     if results.get("global_rank", 0) == 0:
         for line in summary_lines(results):
             print(line, flush=True)
