@@ -199,6 +199,31 @@ def test_paper_flops_of_fastv_and_dart_rows_match_their_arms(experiments):
     assert checked == 10 + 15 + 3 + 9 + 6 + 9 + 5 + 6 + 3
 
 
+def test_paper_flops_of_pdrop_image_rows_match_their_arms(experiments):
+    """PDrop's image rows (Tables 2, 4, 9, 11; 28-layer LLMs at App. C's input) carry the paper's FLOPs
+    within 2 % under the arms' schedules: [8, 16, 24] / λ 0.5 for "51 %*" (0.51×), [2, 5, 11] / λ 0.5 for
+    "25 %*" (0.25×, 18.1 MB KV on Qwen2-VL, 3.2 T on LLaVA-OV) and the solver at 30 % (3.8 T).  The video
+    rows of Tables 3 / 6 follow no single schedule (docs/methods.md §PDrop lists them)."""
+    checked = 0
+    for name, (cfg, sweep, arms) in experiments.items():
+        if cfg.modality_of[sweep["benchmark"][0]] != "image":
+            continue
+        for row in OmegaConf.to_container(cfg.experiment.paper):
+            if row["method"] != "pdrop":
+                continue
+            (job,) = [j for j in arms.values() if j.method.name == "pdrop" and j.method.retention == row["retention"]]
+            dims = OmegaConf.load(CONF / "model" / f"{row['model']}.yaml").llm
+            got = method_report(dims, build_from_config(job.method), REFERENCE_N[(row["model"], "image")])
+            if "flops_x" in row:
+                assert got["flops_ratio"] == pytest.approx(row["flops_x"], rel=0.02), (name, row)
+            if "flops_T" in row:
+                assert got["flops_T"] == pytest.approx(row["flops_T"], rel=0.02), (name, row)
+            if "kv_mib" in row:
+                assert got["kv_cache_MiB"] == pytest.approx(row["kv_mib"], rel=0.02), (name, row)
+            checked += 1
+    assert checked == 4 + 1 + 2 + 1  # Tables 2, 4, 9, 11
+
+
 # --- a real sweep on a tiny model ------------------------------------------------------------------
 
 def mcq_rows(answers: dict[int, str] | None = None, order: list[int] | None = None) -> list[dict]:

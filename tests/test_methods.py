@@ -136,7 +136,7 @@ def test_budgets(name, ftheta_path):
                 assert kept == [n] * layer + [k] * (layers - layer), label
             elif method_name == "pdrop":
                 lam = build_method(method_name, retention, **options).schedule(layers).lam
-                assert kept == [n, round(lam * n), round(lam**2 * n)], label
+                assert kept == [n, max(1, int(n * lam)), max(1, int(n * lam**2))], label  # the official int(N λ^s)
                 assert abs(layer_averaged([1, 2], lam, layers) - retention) < 1e-9
             elif method_name == "dart":
                 # 4 image pivots + (4 + 4) pivots x int(r N / 8) picks: not round(r N)
@@ -241,8 +241,8 @@ def test_fastv_and_pdrop_rank_by_the_layers_own_attention(name):
         method = build_method("pdrop", 0.5, layers=[1, 2])
         _, kept = _kept_ordinals(vlm, prompt, method)
         lam = method.schedule(vlm.decoder.num_layers).lam
-        assert torch.equal(kept[1], _topk_ordinals(last_row, keep_count(lam, n)))
-        assert set(kept[2].tolist()) <= set(kept[1].tolist()) and kept[2].numel() == keep_count(lam**2, n)
+        assert torch.equal(kept[1], _topk_ordinals(last_row, keep_count(lam, n, "int")))
+        assert set(kept[2].tolist()) <= set(kept[1].tolist()) and kept[2].numel() == keep_count(lam**2, n, "int")
 
 
 def _dart_reference(vlm, prompt, out, layer, retention, p_img=4, p_txt=4):
@@ -316,26 +316,37 @@ def test_random_is_reproducible_per_sample():
 
 
 def test_pdrop_schedule_derivation():
+    # schedule=paper (default): the paper rows' schedules on 28 layers, the solver everywhere else
+    for retention, stages in [(0.5, (8, 16, 24)), (0.51, (8, 16, 24)), (0.25, (2, 5, 11)), (0.254, (2, 5, 11))]:
+        sched = build_method("pdrop", retention).schedule(28)
+        assert (sched.layers, sched.lam, sched.source) == (stages, 0.5, "paper")
+    assert build_method("pdrop", 0.25).schedule(32).source == "solved"
+    assert build_method("pdrop", 0.3).schedule(28).source == "solved"
+    assert build_method("pdrop", 0.25, layers=[2, 5, 10], lam=0.5).schedule(28).source == "given"
+    # [8, 16, 24] at λ = 0.5: 14.5 / 28 = 51.8 %, within the 0.02 tolerance of the paper's 50 % block
+    assert math.isclose(build_method("pdrop", 0.5).schedule(28).nominal_retention, 14.5 / 28)
     for layers, stages in [(28, (2, 5, 10)), (32, (2, 6, 12))]:
-        sched = build_method("pdrop", 0.25).schedule(layers)
-        assert sched.layers == stages and math.isclose(sched.lam, 0.5, abs_tol=1e-9)
+        sched = build_method("pdrop", 0.25, schedule="solved").schedule(layers)
+        assert sched.layers == stages and math.isclose(sched.lam, 0.5, abs_tol=1e-9) and sched.source == "solved"
         assert math.isclose(sched.nominal_retention, 0.25, abs_tol=1e-9)
         # λ fixed -> the stage layers are searched and the same doubling pyramid comes out
         assert tuple(search_layers(layers, 0.5, 0.25, 2, 3)) == stages
     # PDrop's own default (LLaVA, 32 layers): [8, 16, 24] with λ = 0.5 averages 46.9 %
     assert math.isclose(layer_averaged([8, 16, 24], 0.5, 32), 15 / 32)
-    # other targets are met by solving λ; the per-layer counts follow round(λ^s N)
+    # other targets are met by solving λ; the per-layer counts follow the count rule, int(λ^s N) by default
     for target in (0.5, 0.1):
-        method = build_method("pdrop", target)
+        method = build_method("pdrop", target, schedule="solved")
         sched = method.schedule(28)
         assert math.isclose(sched.nominal_retention, target, abs_tol=1e-9)
         counts = method.visual_tokens_per_layer(1302, 28)
         assert abs(sum(counts) / (28 * 1302) - target) < 0.002
-        assert counts[:2] == [1302, 1302] and counts[2] == round(sched.lam * 1302)
+        assert counts[:2] == [1302, 1302] and counts[2] == int(1302 * sched.lam)
+        rounded = build_method("pdrop", target, schedule="solved", count_rule="round").visual_tokens_per_layer(1302, 28)
+        assert rounded[2] == round(sched.lam * 1302)
     with pytest.raises(InputError, match="unreachable"):
         build_method("pdrop", 0.05).schedule(28)  # layers 0-1 alone already average 7 %
     with pytest.raises(InputError, match="requested"):
-        build_method("pdrop", 0.5, layers=[2, 5, 10], lam=0.5).schedule(28)
+        build_method("pdrop", 0.5, layers=[2, 5, 10], lam=0.5).schedule(28)  # 25 %, not 50 %
     with pytest.raises(InputError, match="M-RoPE"):
         build_method("pdrop", 0.5, layers=[1, 2], renumber_positions=True).plan(tiny("tiny_qwen2vl"), prompts("tiny_qwen2vl")[0])
 
@@ -352,7 +363,7 @@ def test_bad_retention(retention):
 def test_unknown_method_and_option(tmp_path):
     with pytest.raises(InputError, match="allowed: .*dart.*fastv"):
         build_method("fastvv", 0.5)
-    with pytest.raises(InputError, match=r"method.options.K: unknown key \(allowed: layer, query\)"):
+    with pytest.raises(InputError, match=r"method.options.K: unknown key \(allowed: count_rule, layer, query\)"):
         build_method("fastv", 0.5, K=2)
     with pytest.raises(InputError, match="retention must be 1.0"):
         build_method("vanilla", 0.5)

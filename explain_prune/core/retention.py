@@ -1,5 +1,8 @@
-"""The retention ratio and the keep-count rule every method, the engine and the labels share
-(docs/design.md §Keep-count rule): k = max(1, round(r · N_v)), never more than N_v, 0 for no tokens."""
+"""The retention ratio and the keep-count rules every method, the engine and the labels share
+(docs/design.md §Keep-count rule): k = max(1, rule(r · N_v)), never more than N_v, 0 for no tokens.
+
+`rule` is "round" (half to even; the project's rule and llava-hf FastV's) or "int" (truncation, as
+PyramidDrop's and lmms-eval's code compute `int(N * ratio)`).  Each method names its rule in its config."""
 
 from __future__ import annotations
 
@@ -9,6 +12,9 @@ from typing import Any, overload
 import torch
 
 from explain_prune.core.errors import InputError
+
+
+COUNT_RULES = ("round", "int")
 
 
 def check_retention(retention: Any) -> float:
@@ -23,17 +29,22 @@ def check_retention(retention: Any) -> float:
 
 
 @overload
-def keep_count(ratio: float, n_visual: int) -> int: ...
+def keep_count(ratio: float, n_visual: int, rule: str = "round") -> int: ...
 @overload
-def keep_count(ratio: float, n_visual: torch.Tensor) -> torch.Tensor: ...
-def keep_count(ratio: float, n_visual: int | torch.Tensor) -> int | torch.Tensor:
+def keep_count(ratio: float, n_visual: torch.Tensor, rule: str = "round") -> torch.Tensor: ...
+def keep_count(ratio: float, n_visual: int | torch.Tensor, rule: str = "round") -> int | torch.Tensor:
     """Tokens kept of `n_visual` at `ratio`; `n_visual` may be a LongTensor of per-sample counts [B].
 
-    Both forms round half to even (Python's `round` and `torch.round` agree)."""
+    Both forms compute in float64 as Python does (`round` and `torch.round` both round half to even;
+    `int` and `torch.floor` agree on the non-negative products)."""
+    if rule not in COUNT_RULES:
+        raise InputError(f"count_rule must be one of {', '.join(COUNT_RULES)}, got {rule!r}")
     if isinstance(n_visual, torch.Tensor):
-        k = torch.round(n_visual.to(torch.float64) * float(ratio)).to(torch.long)
+        product = n_visual.to(torch.float64) * float(ratio)
+        k = (torch.round(product) if rule == "round" else torch.floor(product)).to(torch.long)
         return torch.where(n_visual > 0, k.clamp(min=1), torch.zeros_like(k)).minimum(n_visual)
     n_visual = int(n_visual)
     if n_visual <= 0:
         return 0
-    return min(max(1, round(float(ratio) * n_visual)), n_visual)
+    product = n_visual * float(ratio)
+    return min(max(1, round(product) if rule == "round" else int(product)), n_visual)

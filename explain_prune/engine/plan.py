@@ -67,10 +67,10 @@ class TokenView:
         )
         return keys
 
-    def budget(self, ratio: float) -> int:
-        """Visual tokens to keep at `ratio` of the input count: `core.retention.keep_count`, capped at
-        what is still alive."""
-        return min(keep_count(ratio, self.num_visual_input), int(self.visual_index.numel()))
+    def budget(self, ratio: float, rule: str = "round") -> int:
+        """Visual tokens to keep at `ratio` of the input count: `core.retention.keep_count` with the
+        method's count rule, capped at what is still alive."""
+        return min(keep_count(ratio, self.num_visual_input, rule), int(self.visual_index.numel()))
 
     def keep_top(self, scores: torch.Tensor, k: int) -> torch.Tensor:
         """Positions (into the view) of the k highest-scoring live visual tokens, ascending.

@@ -20,7 +20,7 @@ import torch
 
 from explain_prune.core import InputError
 from explain_prune.core.registry import Registry
-from explain_prune.core.retention import check_retention, keep_count
+from explain_prune.core.retention import COUNT_RULES, check_retention, keep_count
 from explain_prune.engine.plan import PrunePlan, TokenView
 from explain_prune.models.base import VLM, VisualPrompt
 
@@ -73,11 +73,13 @@ class Method(abc.ABC):
 
     Subclasses set `name`, `defaults` (every option they accept, with its default) and implement
     `plan` and `visual_tokens_per_layer`.  Unknown options are an InputError, so a typo in a
-    config never silently falls back to a default.
+    config never silently falls back to a default.  A method that keeps a fraction of N_v declares
+    `count_rule` in its defaults ("round" or "int", as its reference code counts; `core.retention`).
     """
 
     name: ClassVar[str] = "base"
     defaults: ClassVar[Mapping[str, Any]] = {}
+    choices: ClassVar[Mapping[str, tuple]] = {"count_rule": COUNT_RULES}
 
     def __init__(self, retention: float = 1.0, **options: Any):
         self.retention = check_retention(retention)
@@ -102,8 +104,16 @@ class Method(abc.ABC):
         """Visual tokens each decoder layer processes for an input with n_visual visual tokens."""
 
     # --- shared ------------------------------------------------------------------------------
+    @property
+    def count_rule(self) -> str:
+        return str(self.options.get("count_rule", "round"))
+
     def keep_count(self, n_visual: int, ratio: float | None = None) -> int:
-        return keep_count(self.retention if ratio is None else ratio, n_visual)
+        return keep_count(self.retention if ratio is None else ratio, n_visual, self.count_rule)
+
+    def budget(self, view: TokenView, ratio: float | None = None) -> int:
+        """The view's budget at `ratio` (default: the method's retention) under the method's count rule."""
+        return view.budget(self.retention if ratio is None else ratio, self.count_rule)
 
     def overhead_flops(self, dims: Mapping[str, Any], n_visual: int) -> dict[str, float]:
         """Extra FLOPs the method spends outside the decoder layers (paper App. C counts only ours')."""

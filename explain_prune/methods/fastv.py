@@ -26,8 +26,8 @@ QUERIES = ("last", "mean")
 
 @METHODS.register("fastv")
 class FastV(Method):
-    defaults = {"layer": 2, "query": "last"}
-    choices = {"query": QUERIES}
+    defaults = {"layer": 2, "query": "last", "count_rule": "round"}
+    choices = {**Method.choices, "query": QUERIES}
 
     def __init__(self, retention: float = 1.0, **options: Any):
         super().__init__(retention, **options)
@@ -46,7 +46,7 @@ class FastV(Method):
             else:
                 rows = view.attention(torch.arange(view.length, device=view.hidden.device), layer=k_layer - 1)  # [H, n, n]
                 scores = rows.mean(0)[:, view.visual_index].mean(0)
-            return view.keep_top(scores, view.budget(self.retention)), scores
+            return view.keep_top(scores, self.budget(view)), scores
 
         plan.selectors[k_layer] = tracked(plan, k_layer, select)
         return plan

@@ -23,8 +23,8 @@ from explain_prune.models.base import VLM, VisualPrompt
 
 @METHODS.register("gae")
 class GAE(Method):
-    defaults = {"max_new_tokens": 32, "head_reduce": "grad", "clamp": True}
-    choices = {"head_reduce": HEAD_REDUCTIONS}
+    defaults = {"max_new_tokens": 32, "head_reduce": "grad", "clamp": True, "count_rule": "round"}
+    choices = {**Method.choices, "head_reduce": HEAD_REDUCTIONS}
 
     def __init__(self, retention: float = 1.0, **options: Any):
         super().__init__(retention, **options)
@@ -46,7 +46,7 @@ class GAE(Method):
         plan = PrunePlan(info={"method": self.name, "answer_ids": answer})
 
         def select(view: TokenView):
-            return view.keep_top(rv.to(view.hidden.device), view.budget(self.retention)), rv
+            return view.keep_top(rv.to(view.hidden.device), self.budget(view)), rv
 
         plan.selectors[0] = tracked(plan, 0, select)
         return plan

@@ -30,7 +30,7 @@ from explain_prune.models.base import VLM, VisualPrompt
 
 @METHODS.register("ours")
 class Ours(Method):
-    defaults = {"checkpoint": None}
+    defaults = {"checkpoint": None, "count_rule": "round"}
 
     def __init__(self, retention: float = 1.0, **options: Any):
         super().__init__(retention, **options)
@@ -65,7 +65,7 @@ class Ours(Method):
             # at layer 0 the view is the whole prompt, so A_v^0 is computed on exactly the features
             # f_θ was trained on; running it here puts its cost inside the timed prefill
             _, rv = self.predict(vlm, view.prompt)
-            return view.keep_top(rv.to(view.hidden.device), view.budget(self.retention)), rv
+            return view.keep_top(rv.to(view.hidden.device), self.budget(view)), rv
 
         plan.selectors[0] = tracked(plan, 0, select)
         return plan

@@ -23,7 +23,7 @@ def sample_seed(seed: int, sample_id: str) -> int:
 
 @METHODS.register("random")
 class RandomKeep(Method):
-    defaults = {"seed": 0}
+    defaults = {"seed": 0, "count_rule": "round"}
 
     def plan(self, vlm: VLM, prompt: VisualPrompt) -> PrunePlan:
         plan = PrunePlan(info={"method": self.name})
@@ -33,7 +33,7 @@ class RandomKeep(Method):
             # on the host, so a sample keeps the same tokens on every device
             generator = torch.Generator(device="cpu").manual_seed(seed)
             order = torch.randperm(view.visual_index.numel(), generator=generator, device="cpu")
-            chosen = order[: view.budget(self.retention)].sort().values
+            chosen = order[: self.budget(view)].sort().values
             return view.visual_index[chosen.to(view.visual_index.device)]
 
         plan.selectors[0] = tracked(plan, 0, select)

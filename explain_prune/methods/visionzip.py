@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from explain_prune.core import InputError
 from explain_prune.engine.plan import PrunePlan
-from explain_prune.methods.base import METHODS, Method, keep_count
+from explain_prune.methods.base import METHODS, Method
 from explain_prune.models.base import VLM, VisualPrompt
 
 META_KEY = "visionzip"
@@ -105,7 +105,7 @@ def zip_tokens(
 
 @METHODS.register("visionzip")
 class VisionZip(Method):
-    defaults = {"contextual_share": 10 / 64, "vision_layer": -2}
+    defaults = {"contextual_share": 10 / 64, "vision_layer": -2, "count_rule": "round"}
 
     def __init__(self, retention: float = 1.0, **options: Any):
         super().__init__(retention, **options)
@@ -119,7 +119,7 @@ class VisionZip(Method):
         if META_KEY in prompt.meta:
             raise InputError(f"sample {prompt.sample_id!r} was already compressed by visionzip")
         n = prompt.num_visual
-        k = keep_count(self.retention, n)
+        k = self.keep_count(n)
         dominant, contextual = split_budget(k, self.options["contextual_share"])
         scores, keys = vision_token_scores(vlm, prompt, int(self.options["vision_layer"]))
         device = prompt.inputs_embeds.device
@@ -165,4 +165,4 @@ class VisionZip(Method):
         return PrunePlan(info={"method": self.name, "kept": {0: prompt.meta[META_KEY]["kept"]}})
 
     def visual_tokens_per_layer(self, n_visual: int, num_layers: int) -> list[int]:
-        return [keep_count(self.retention, n_visual)] * int(num_layers)
+        return [self.keep_count(n_visual)] * int(num_layers)
