@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> dict:
         return done
     with DirLock(out_dir / LOCK_FILE, f"evaluate run dir {out_dir}"):  # one job per run dir at a time
         tracking.claim_run_dir(out_dir, job)
-        benchmark = build_benchmark(**OmegaConf.to_container(cfg.benchmark, resolve=True))
+        benchmark = build_benchmark(**OmegaConf.to_container(cfg.benchmark, resolve=True), family=cfg.model.family)
         judge = build_judge(cfg.judge)
         vlm = build_vlm(cfg.model, modality=cfg.modality)
         settings = EvalSettings(

@@ -142,11 +142,13 @@ def test_videomme_parquet_reader_prompt_and_interior_frames(tmp_path):
     s1, s2 = samples(items)
     assert s2.video.endswith("vid002.MP4")
     assert s1.id == "001-1" and s1.answer == "B"
+    # VLMEvalKit e8e78f05 vlmeval/dataset/videomme.py L46-50 / L236-238: FRAMES_TMPL_NOSUB opens and ends
+    # with a newline, and the question block ends in "Answer: " (trailing space); kept verbatim
     assert s1.question == (
-        "These are the frames of a video. Select the best answer to the following multiple-choice question "
+        "\nThese are the frames of a video. Select the best answer to the following multiple-choice question "
         "based on the video. Respond with only the letter (A, B, C, or D) of the correct option.\n"
-        "Question: How many stars?\nA. option a\nB. option b\nC. option c\nD. option d\nAnswer:"
-    )
+        "Question: How many stars?\nA. option a\nB. option b\nC. option c\nD. option d\nAnswer: "
+    ) and s1.verbatim and s1.preamble == ""
     assert s1.meta["duration"] == "short" and s1.meta["task_type"] == "Counting Problem"
     assert s1.meta["frame_sampling"] == "interior" and s1.meta["num_frames"] == 4
     # interior rule, T = 10, n = 4: int(i*10/5), i = 1..4 -> frames 2, 4, 6, 8
@@ -278,8 +280,10 @@ def test_mvbench_reader_bounds_frames_and_errors(tmp_path):
     assert "not one of the candidates" in errs[1].reason
     count, seq, episodic = samples(items)
     assert count.answer == "B" and count.meta["options"] == {"A": "1", "B": "2", "C": "3"}
-    assert count.question.endswith("Question: How many times?\nOptions:\n(A) 1\n(B) 2\n(C) 3\nOnly give the best option.")
-    assert count.question.startswith("Carefully watch the video")
+    # VLMEvalKit e8e78f05 vlmeval/dataset/mvbench.py L352-370: SYS, video, qa_template, the closing line
+    # and the "Best option:(" prefix, the texts joined with nothing between them
+    assert count.question == "Question: How many times?\nOptions:\n(A) 1\n(B) 2\n(C) 3\nOnly give the best option.Best option:("
+    assert count.preamble.startswith("Carefully watch the video") and count.preamble.endswith("addresses the question.\n")
     assert count.meta["frame_sampling"] == "centers" and "start" not in count.meta
     assert seq.answer == "B" and (seq.meta["start"], seq.meta["end"]) == (0.5, 2.0)
     assert isinstance(seq.video, str) and seq.video.endswith("star/Charades_v1_480/seq1.mp4")
@@ -426,8 +430,10 @@ def test_nextqa_readers(tmp_path):
     assert err.id == "555_1" and "NExTVideo/555.mp4" in err.reason
     (s,) = samples(items)
     assert s.id == "4010069381_7" and s.answer == "C" and s.meta["type"] == "CW"
-    assert s.question == ("why did the boy run\nA. to eat\nB. to sleep\nC. catch ball\nD. to sit\nE. to swim\n"
-                          "Answer with the option's letter from the given choices directly.")
+    # lmms-eval 75571cfe nextqa_doc_to_text_mc + nextqa_mc_test.yaml: the options and no post-prompt
+    assert s.question == "why did the boy run\nA. to eat\nB. to sleep\nC. catch ball\nD. to sit\nE. to swim"
+    (letter,) = samples(list(NExTQAMC(tmp_path, answer_rule="can_infer").load()))
+    assert letter.question == s.question + "\nAnswer with the option's letter from the given choices directly."
     assert s.meta["frame_sampling"] == "linspace"
     frames = read_frames(s.video, 3, s.meta["frame_sampling"])  # linspace over 5 frames: 0, 2, 4
     assert_levels(frames, [0, 2, 4])
@@ -440,13 +446,42 @@ def test_nextqa_mc_scoring_by_hand():
     opts = dict(zip("ABCDE", ["to eat", "a ball", "to sit", "to run", "to swim"]))
     records = [
         rec(1, "B. a ball", "B", type="CW", options=opts),  # right
-        rec(2, "A or B", "B", type="CW", options=opts),  # two letters: nothing inferable -> wrong
+        rec(2, "A or B", "B", type="CW", options=opts),  # two letters: can_infer gives up -> wrong
         rec(3, "(E)", "E", type="TN", options=opts),  # right
     ]
-    res = NExTQAMC("unused").score(records)
+    res = NExTQAMC("unused", answer_rule="can_infer").score(records)
     assert res["overall"] == pytest.approx(200 / 3)  # 2 of 3
     assert res["types"] == pytest.approx({"CW": 50.0, "TN": 100.0})
-    assert res["unextracted"] == 1
+    assert res["unextracted"] == 1 and res["extraction_id"] == "vlmeval_can_infer"
+
+
+def test_nextqa_mc_parse_multi_choice_is_lmms_evals_rule():
+    """Facts of lmms-eval 75571cfe lmms_eval/tasks/nextqa/utils.py `parse_multi_choice_response` (L81-139):
+    "(X)" before "X " before "X."; several candidates -> the one written last; with no letter and more
+    than 5 words, the options whose text appears; nothing -> a random letter."""
+    opts = dict(zip("ABCDE", ["to eat", "a ball", "to sit", "to run", "to swim"]))
+    bench = NExTQAMC("unused")
+    cases = {
+        "B.": "B",  # ".!?,;:'" stripped from the ends, then " B " matches
+        "A or B": "B",  # both "A " and "B ": the last written wins
+        "(A) first, then (C)": "C",  # bracketed letters take precedence, the last one wins
+        "C. to sit (D)": "D",  # a bracketed letter beats the leading "C."
+        "I think the boy wanted to run away": "D",  # > 5 words, no letter: the option text it contains
+        "he wanted to eat, not to run away": "D",  # two option texts: the one written last
+    }
+    for i, (prediction, letter) in enumerate(cases.items()):
+        assert bench.extract(prediction, {"options": opts, "video": "v", "qid": str(i)}) == letter, prediction
+    # nothing parsable: a letter drawn from a generator seeded by (seed, sample id), counted in results
+    meta = [{"options": opts, "video": "v", "qid": str(i), "type": "CW"} for i in range(40)]
+    records = [Record(f"v_{m['qid']}", "no idea", "A", None, m) for m in meta]
+    first = bench.score(records)
+    drawn = [r.extracted for r in records]
+    assert first["random_fallbacks"] == 40 and set(drawn) <= set(opts) and len(set(drawn)) > 1
+    bench.score(records[::-1])
+    assert [r.extracted for r in records] == drawn  # independent of order
+    NExTQAMC("unused", seed=1).score(records)
+    assert [r.extracted for r in records] != drawn  # the seed is the only source of the draw
+    assert first["overall"] == pytest.approx(100 * drawn.count("A") / 40)
 
 
 @pytest.fixture(scope="module")

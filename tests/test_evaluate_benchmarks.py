@@ -191,7 +191,7 @@ def test_benchmark_end_to_end(case: Case, data_roots, tmp_path):
     assert results["judge"] == ("fake-judge" if "judge=fake" in case.overrides else None)
 
     # the stored score is the benchmark's scorer applied to the stored predictions
-    bench = build_benchmark(**OmegaConf.to_container(cfg.benchmark, resolve=True))
+    bench = build_benchmark(**OmegaConf.to_container(cfg.benchmark, resolve=True), family=cfg.model.family)
     assert (results["prompt_id"], results["extraction_id"]) == (bench.prompt_id, bench.extraction_id)
     records = [Record(r["id"], r["prediction"], r["answer"], r["extracted"], r["meta"]) for r in scored]
     rescored = json.loads(json.dumps(bench.score(records, judge=build_judge(cfg.judge)), default=str))

@@ -31,12 +31,15 @@ from explain_prune.core import SampleError
 
 
 
-def build_benchmark(name: str, root: str | Path | None = None, **opts: Any) -> Benchmark:
-    """`BENCHMARKS[name](root, **opts)`; an unknown name or option is an InputError.
+def build_benchmark(name: str, root: str | Path | None = None, family: str | None = None, **opts: Any) -> Benchmark:
+    """`BENCHMARKS[name](root, **opts)` building its prompts for model `family` (`Benchmark.family`);
+    an unknown name or option is an InputError.
 
     A `name` key in `opts` (as when a whole `benchmark` config is splatted) is ignored."""
     opts.pop("name", None)
-    return BENCHMARKS.build(name, root, where="benchmark", **opts)
+    benchmark = BENCHMARKS.build(name, root, where="benchmark", **opts)
+    benchmark.family = family
+    return benchmark
 
 
 __all__ = [

@@ -60,10 +60,19 @@ class Benchmark(abc.ABC):
     extraction_id: str = ""  # names the pinned answer-extraction rule
     needs_judge: bool = False
     max_new_tokens: int = 16
+    # The model family the prompts are built for: VLMEvalKit builds prompts per model (vlmeval/vlm/base.py
+    # `use_custom_prompt`); Qwen2-VL has custom ones, LLaVA-OneVision and VILA use the dataset's default.
+    # `build_benchmark(..., family=)` sets it from model.family; None builds Qwen2-VL's.
+    family: str | None = None
 
     def __init__(self, root: str | Path, **options: Any):
         self.root = Path(root)
         self.options = options
+
+    @property
+    def qwen2vl_prompts(self) -> bool:
+        """Whether this run uses VLMEvalKit's Qwen2-VL prompts (else the dataset defaults)."""
+        return self.family in (None, "qwen2vl")
 
     @abc.abstractmethod
     def load(self, limit: int | None = None) -> Iterator[Sample | SampleError]:

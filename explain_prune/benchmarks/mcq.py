@@ -1,8 +1,9 @@
 """Single-answer multiple-choice benchmarks stored as VLMEvalKit TSVs (MMStar, SEEDBench_IMG).
 
-Prompt `vlmeval_qwen2vl_mcq` (`vlmeval_tsv.mcq_prompt`): "Hint: ..." (if any), "Question: ...",
-"Options:" with one "X. text" line per non-empty option column, "Please select the correct answer
-from the options above." Extraction `vlmeval_can_infer` (`extract.extract_option_letter`) under the
+Prompt (`vlmeval_tsv.mcq_prompt`): "Hint: ..." (if any), "Question: ...", "Options:" with one
+"X. text" line per non-empty option column, "Please select the correct answer from the options
+above." — stripped for Qwen2-VL (`vlmeval_qwen2vl_mcq`), followed by " \n" for LLaVA-OneVision and
+VILA (`vlmeval_default_mcq`, the dataset default they use). Extraction `vlmeval_can_infer` (`extract.extract_option_letter`) under the
 exact-matching policy: no judge; an answer no option can be inferred from scores as wrong.
 
 Scoring (VLMEvalKit `mcq_vanilla_eval` + `report_acc`): hit = extracted letter == answer letter;
@@ -31,7 +32,9 @@ from explain_prune.core import Sample
 
 
 class VLMEvalMCQBenchmark(VLMEvalImageBenchmark):
-    prompt_id = "vlmeval_qwen2vl_mcq"
+    @property
+    def prompt_id(self) -> str:
+        return "vlmeval_qwen2vl_mcq" if self.qwen2vl_prompts else "vlmeval_default_mcq"
     extraction_id = OPTION_LETTER_EXTRACTION_ID
     max_new_tokens = 32
 
@@ -46,8 +49,8 @@ class VLMEvalMCQBenchmark(VLMEvalImageBenchmark):
         meta["hint"] = row.get("hint")
         meta["options"] = options
         meta["answer"] = answer
-        question = mcq_prompt(row.get("question"), options, hint=row.get("hint"))
-        return Sample(id=row.index, question=question, images=row.images, answer=answer, meta=meta)
+        question = mcq_prompt(row.get("question"), options, hint=row.get("hint"), qwen2vl=self.qwen2vl_prompts)
+        return Sample(id=row.index, question=question, images=row.images, answer=answer, meta=meta, verbatim=True)
 
     def extract(self, prediction: str, sample_meta: dict[str, Any]) -> str | None:
         return extract_option_letter(prediction, sample_meta["options"])

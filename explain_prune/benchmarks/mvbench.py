@@ -16,10 +16,13 @@ Two layouts (`layout`):
 * `lmms_eval` (the `video` branch as lmms-eval's `DATA_LIST` reads it): `<root>/<folder>/<video>`
   with pre-cut segment folders (e.g. `star/Charades_segment`), so no bounds are applied.
 
-Prompt `vlmeval_mvbench` (VLMEvalKit `MVBench.SYS` + `qa_template` + its closing line): the system
-text, "Question: <q>", "Options:", "(A) <c0>", "(B) <c1>", ..., "Only give the best option."
-(VLMEvalKit also pre-fills the assistant turn with "Best option:("; the engine has no pre-fill, so
-the extraction accepts the letter with or without the parenthesis.)
+Prompt `vlmeval_mvbench` (VLMEvalKit e8e78f05 vlmeval/dataset/mvbench.py `build_prompt` L352-370): the
+message is `SYS` (a system-role text ending in "\n"), the video, `qa_template` ("Question: <q>\n
+Options:\n(A) <c0>\n(B) <c1>..." stripped), "\nOnly give the best option." and "Best option:(" (an
+assistant-role text).  The models concatenate the texts of the message into the user turn, in order
+and with nothing between them (the roles are not used): SYS is the sample's `preamble` — before the
+video for Qwen2-VL and VILA, after it for LLaVA-OneVision, whose video path puts all text after the
+video — and the question ends in "...Only give the best option.Best option:(".
 
 Frames: rule `centers` (segment centres, VLMEvalKit `get_index`; `data.video.frame_indices`): with
 n frames over frame indices [s, e] (s = max(first, round(start·fps)), e = min(round(end·fps), last);
@@ -95,13 +98,15 @@ SYSTEM = (
     "the detail and movement of objects, and the action and pose of persons. "
     "Based on your observations, select the best option that accurately addresses the question."
 )
-CLOSING = "Only give the best option."
+CLOSING = "\nOnly give the best option."
+ANSWER_PREFIX = "Best option:("  # VLMEvalKit's assistant-role text, part of the user turn as the models read it
 
 
-def mvbench_prompt(question: str, candidates: Sequence[str]) -> str:
-    lines = [SYSTEM, f"Question: {question}", "Options:"]
+def mvbench_prompt(question: str, candidates: Sequence[str]) -> tuple[str, str]:
+    """(preamble, question) of VLMEvalKit's MVBench message (see the module doc)."""
+    lines = [f"Question: {question}", "Options:"]
     lines += [f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(candidates)]
-    return "\n".join(lines) + "\n" + CLOSING
+    return SYSTEM + "\n", "\n".join(lines).rstrip() + CLOSING + ANSWER_PREFIX
 
 
 def read_frame_folder(
@@ -247,7 +252,8 @@ class MVBench(VideoBenchmark):
             meta["frame_fps"] = FRAME_FOLDER_FPS
         else:
             video = str(self.video_path(self._directories(task), video_name))
-        return Sample(id=sid, question=mvbench_prompt(question, candidates), video=video, answer=answer, meta=meta)
+        preamble, text = mvbench_prompt(question, candidates)
+        return Sample(id=sid, question=text, preamble=preamble, verbatim=True, video=video, answer=answer, meta=meta)
 
     def _frame_dir(self, task: str, name: str) -> Path:
         dirs = [self.video_dir_override] if self.video_dir_override is not None else self._directories(task)

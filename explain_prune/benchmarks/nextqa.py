@@ -8,10 +8,20 @@ answer, qid, type, a0..a4`, `answer` the index 0–4 of the right option) and
 question, answer, type, additional_ref_answer`), or the same columns as CSV (`data_file`). Videos:
 `NExTVideo/<video>.mp4` (lmms-eval's layout; `.MP4` also tried).
 
-`nextqa_mc` — prompt `lmms_nextqa_mc`: "<question>" then "A. <a0>" ... "E. <a4>" (lmms-eval
-`nextqa_doc_to_text_mc`) and "Answer with the option's letter from the given choices directly."
-Extraction `vlmeval_can_infer` (`extract.extract_option_letter`): deterministic — lmms-eval instead
-*randomly* picks a letter when none can be parsed. Score: accuracy in %, overall and per `type`.
+`nextqa_mc` — prompt `lmms_nextqa_mc`: "<question>" then "A. <a0>" ... "E. <a4>", one per line and
+nothing after them (lmms-eval 75571cfe lmms_eval/tasks/nextqa/utils.py `nextqa_doc_to_text_mc`;
+nextqa_mc_test.yaml sets no post-prompt).  Answer rule (`answer_rule`, recorded as the extraction id):
+* `lmms_parse_multi_choice` (default; utils.py L81-139 `parse_multi_choice_response`, the MMMU rule):
+  strip ",.!?;:'" from the ends and pad with spaces; candidates are the letters written "(X)", else
+  "X " , else "X."; with none and more than 5 words, the options whose text the answer contains
+  (case-insensitive); several candidates -> the one written last; none -> a random letter.  lmms-eval
+  draws it from Python's process-wide generator (seeded once per run, so the letter depends on the
+  order samples are scored in); here it is drawn from a generator seeded with (`seed`, sample id), so
+  the score does not depend on order or batching.  `results.json` counts the `random_fallbacks`.
+* `can_infer` (the project's earlier rule): VLMEvalKit `can_infer` (`extract.extract_option_letter`),
+  deterministic, an unparsed answer scores as wrong; with the post-prompt "Answer with the option's
+  letter from the given choices directly." (prompt `nextqa_mc_letter_post_prompt`).
+Score: accuracy in %, overall and per `type`.
 
 `nextqa_oe` — prompt `lmms_nextqa_oe`: "<question>" + "\nAnswer a question using a short phrase or
 sentence." (lmms-eval's OE post-prompt). Extraction: none. Score `nextqa_wups` (NExT-OE
@@ -26,7 +36,9 @@ their C/T/D groups, and overall WUPS@0.9.
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterator
+import hashlib
+import random
+from typing import Any, Iterator, Mapping, Sequence
 
 from explain_prune.benchmarks.base import Record
 from explain_prune.benchmarks.extract import (
@@ -77,12 +89,58 @@ class _NExTQA(VideoBenchmark):
         return sid, question, str(path), meta
 
 
+MC_ANSWER_RULES = {"lmms_parse_multi_choice": "lmms_parse_multi_choice_response", "can_infer": OPTION_LETTER_EXTRACTION_ID}
+
+
+def parse_multi_choice(response: str, options: Mapping[str, str], fallback: random.Random) -> tuple[str, bool]:
+    """lmms-eval's `parse_multi_choice_response` (see the module doc): (letter, whether it was drawn at random)."""
+    choices: Sequence[str] = list(options)
+    for char in ",.!?;:'":
+        response = response.strip(char)
+    response = f" {response} "
+    candidates = [c for c in choices if f"({c})" in response]
+    bracketed, by_letter = bool(candidates), True
+    if not candidates:
+        candidates = [c for c in choices if f"{c} " in response]
+    if not candidates:
+        candidates = [c for c in choices if f"{c}." in response]
+    if not candidates and len(response.split()) > 5:
+        candidates = [c for c, text in options.items() if text.lower() in response.lower()]
+        by_letter = False
+    if not candidates:
+        return fallback.choice(choices), True
+    if len(candidates) == 1:
+        return candidates[0], False
+
+    def last_at(c: str) -> int:
+        if not by_letter:
+            return response.lower().rfind(options[c].lower())
+        return response.rfind(f"({c})") if bracketed else response.rfind(f" {c} ")
+
+    return max(candidates, key=lambda c: (last_at(c), -candidates.index(c))), False  # the first of equal maxima, as argmax
+
+
 @BENCHMARKS.register("nextqa_mc")
 class NExTQAMC(_NExTQA):
-    prompt_id = "lmms_nextqa_mc"
-    extraction_id = OPTION_LETTER_EXTRACTION_ID
     max_new_tokens = 16
     required = ("video", "qid", "question", "answer", "type", "a0", "a1", "a2", "a3", "a4")
+
+    def __init__(self, root=None, answer_rule: str = "lmms_parse_multi_choice", seed: int = 0, **kwargs: Any):
+        if answer_rule not in MC_ANSWER_RULES:
+            raise InputError(f"nextqa_mc: unknown answer_rule {answer_rule!r} (known: {', '.join(MC_ANSWER_RULES)})")
+        super().__init__(root, **kwargs)
+        self.answer_rule, self.seed = answer_rule, int(seed)
+        self.extraction_id = MC_ANSWER_RULES[answer_rule]
+        self.prompt_id = "lmms_nextqa_mc" if answer_rule == "lmms_parse_multi_choice" else "nextqa_mc_letter_post_prompt"
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "answer_rule": self.answer_rule, "seed": self.seed}
+
+    def fallback(self, sample_meta: dict[str, Any]) -> random.Random:
+        """The generator of one sample's random fallback letter, seeded with (seed, sample id)."""
+        sample_id = f"{sample_meta.get('video')}_{sample_meta.get('qid')}"  # = record_id
+        digest = hashlib.sha256(f"{self.seed}:{sample_id}".encode()).digest()
+        return random.Random(int.from_bytes(digest[:8], "big"))
 
     def data_candidates(self) -> tuple[str, ...]:
         return ("MC/test-00000-of-00001.parquet",)
@@ -97,25 +155,38 @@ class NExTQAMC(_NExTQA):
         if not 0 <= answer_index < len(OPTIONS):
             raise RowError(f"answer index {answer_index} is outside 0-4")
         answer = OPTIONS[answer_index]
-        prompt = "\n".join([question] + [f"{k}. {v}" for k, v in options.items()]) + MC_POST_PROMPT
+        prompt = "\n".join([question] + [f"{k}. {v}" for k, v in options.items()])
+        if self.answer_rule == "can_infer":
+            prompt += MC_POST_PROMPT
         meta.update(options=options, answer=answer)
         return Sample(id=sid, question=prompt, video=video, answer=answer, meta=meta)
 
     def extract(self, prediction: str, sample_meta: dict[str, Any]) -> str | None:
-        return extract_option_letter(str(prediction), sample_meta["options"])
+        if self.answer_rule == "can_infer":
+            return extract_option_letter(str(prediction), sample_meta["options"])
+        return parse_multi_choice(str(prediction), sample_meta["options"], self.fallback(sample_meta))[0]
 
     def score(self, records: list[Record], judge: Any = None) -> dict[str, Any]:
-        hits = []
+        hits, drawn = [], 0
         for rec in records:
-            rec.extracted = None if rec.prediction is None else self.extract(rec.prediction, rec.meta)
+            if rec.prediction is None:
+                rec.extracted = None
+            elif self.answer_rule == "can_infer":
+                rec.extracted = self.extract(rec.prediction, rec.meta)
+            else:
+                rec.extracted, random_pick = parse_multi_choice(str(rec.prediction), rec.meta["options"], self.fallback(rec.meta))
+                drawn += random_pick
             hits.append(int(rec.extracted is not None and rec.extracted == rec.answer))
-        return {
+        out = {
             **self.describe(),
             "n": len(records),
             "overall": percent(sum(hits), len(hits)),
             "types": grouped_mean(((r.meta.get("type"), h) for r, h in zip(records, hits)), 100.0),
             "unextracted": sum(r.extracted is None for r in records),
         }
+        if self.answer_rule == "lmms_parse_multi_choice":
+            out["random_fallbacks"] = drawn
+        return out
 
 
 @BENCHMARKS.register("nextqa_oe")

@@ -5,8 +5,10 @@ names the split(s) — adversarial / popular / random — and may be comma-separ
 belongs to several splits; such a row is counted once per split (VLMEvalKit `POPE_rating` explodes
 the column *before* computing the overall numbers too).
 
-Prompt `vlmeval_qwen2vl_yorn`: question + " Please answer yes or no." (VLMEvalKit's Y/N prompt for
-POPE with Qwen2-VL). Extraction `vlmeval_yorn` (`extract.extract_yes_no`).
+Prompt per family: `vlmeval_qwen2vl_yorn` = question + " Please answer yes or no." for Qwen2-VL
+(`Qwen2VLPromptMixin._build_yorn_prompt`, vlmeval/vlm/qwen2_vl/prompt.py); `vlmeval_raw_question` =
+the question alone for LLaVA-OneVision and VILA (no custom prompt: the dataset default,
+`ImageBaseDataset.build_prompt`). Extraction `vlmeval_yorn` (`extract.extract_yes_no`).
 
 Scoring follows VLMEvalKit's `POPE_rating` (vlmeval/dataset/utils/yorn.py, with the per-row score of
 vlmeval/dataset/image_yorn.py, `score = answer == extracted`; VLMEvalKit e8e78f05, file last changed
@@ -67,9 +69,12 @@ def split_names(category: str | None) -> list[str]:
 @BENCHMARKS.register("pope")
 class POPE(VLMEvalImageBenchmark):
     tsv_name = "POPE"
-    prompt_id = "vlmeval_qwen2vl_yorn"
     extraction_id = YES_NO_EXTRACTION_ID
     max_new_tokens = 16
+
+    @property
+    def prompt_id(self) -> str:
+        return "vlmeval_qwen2vl_yorn" if self.qwen2vl_prompts else "vlmeval_raw_question"
 
     def make_sample(self, row: TSVRow) -> Sample:
         meta = self.base_meta(row)
@@ -79,7 +84,7 @@ class POPE(VLMEvalImageBenchmark):
             raise RowError("row has no category (the POPE split)")
         meta["answer"] = answer
         meta["splits"] = splits
-        question = row.get("question") + YORN_SUFFIX
+        question = row.get("question") + (YORN_SUFFIX if self.qwen2vl_prompts else "")
         return Sample(id=row.index, question=question, images=row.images, answer=answer, meta=meta)
 
     def extract(self, prediction: str, sample_meta: dict[str, Any]) -> str:

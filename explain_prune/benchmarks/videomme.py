@@ -10,10 +10,12 @@ Data (`root`, env `VIDEOMME_ROOT`), either release:
   domain, candidates, sub_category, task_type, subtitle_path, question, answer`, with `candidates`
   a list literal of the "A. ..." strings and `video_path` relative to the root ("./video/<id>.mp4").
 
-Prompt `vlmeval_videomme_nosub` (VLMEvalKit `VideoMME.FRAMES_TMPL_NOSUB` + its question block):
-"These are the frames of a video. Select the best answer to the following multiple-choice question
-based on the video. Respond with only the letter (A, B, C, or D) of the correct option." /
-"Question: <question>" / the four option lines / "Answer:".
+Prompt `vlmeval_videomme_nosub` (VLMEvalKit e8e78f05 vlmeval/dataset/videomme.py L46-50 and
+L227-238): the message is `SYS` (empty), the video, `FRAMES_TMPL_NOSUB` — "\nThese are the frames of a
+video. Select the best answer to the following multiple-choice question based on the video. Respond
+with only the letter (A, B, C, or D) of the correct option.\n", with its leading and trailing newline —
+and "Question: <question>\n<the four option lines>\nAnswer: " with its trailing space.  The texts are
+concatenated as the models read them, kept verbatim; every family puts them after the video.
 
 Frames: rule `interior` (VLMEvalKit `save_video_frames`: indices int(i·(T/(n+1))), i = 1..n).
 
@@ -90,7 +92,7 @@ def required_columns(columns: set[str]) -> tuple[str, ...]:
 
 
 def videomme_prompt(question: str, options: list[str]) -> str:
-    return FRAMES_TMPL_NOSUB + "\n" + "Question: " + question + "\n" + "\n".join(options) + "\nAnswer:"
+    return "\n" + FRAMES_TMPL_NOSUB + "\n" + "Question: " + question + "\n" + "\n".join(options) + "\nAnswer: "
 
 
 @BENCHMARKS.register("videomme")
@@ -138,7 +140,8 @@ class VideoMME(VideoBenchmark):
             "options": options,
             "answer": answer,
         }
-        return Sample(id=sid, question=videomme_prompt(question, options), video=str(video), answer=answer, meta=meta)
+        return Sample(id=sid, question=videomme_prompt(question, options), video=str(video), answer=answer, meta=meta,
+                      verbatim=True)
 
     def _video(self, rec: dict[str, Any], video_id: str) -> Path:
         if self.video_dir_override is None:

@@ -157,12 +157,21 @@ def row_options(row: dict[str, Any]) -> dict[str, str]:
 _CJK = re.compile("[\u4e00-\u9fff]")
 
 
-def mcq_prompt(question: str, options: dict[str, str], hint: str | None = None) -> str:
-    """VLMEvalKit's MCQ prompt as used for Qwen2-VL (`Qwen2VLPromptMixin._build_mcq_prompt`):
-    optional "Hint: ..." line, "Question: ...", "Options:" with one "X. text" line each, then the
-    instruction (Chinese when the prompt contains CJK characters), trailing whitespace stripped."""
+def mcq_prompt(question: str, options: dict[str, str], hint: str | None = None, qwen2vl: bool = True) -> str:
+    """VLMEvalKit's MCQ prompt: optional "Hint: ..." line, "Question: ...", "Options:" with one
+    "X. text" line each, then the instruction.
+
+    qwen2vl: `Qwen2VLPromptMixin._build_mcq_prompt` (vlmeval/vlm/qwen2_vl/prompt.py): Chinese
+    instruction when the prompt has CJK characters, trailing whitespace stripped.  Otherwise the
+    dataset default (`ImageMCQDataset.build_prompt`, vlmeval/dataset/image_mcq.py L212-238), used by
+    LLaVA-OneVision and VILA: the English instruction followed by " \\n", nothing stripped."""
     prompt = f"Hint: {hint}\n" if hint is not None else ""
     prompt += f"Question: {question}\n"
+    if not qwen2vl:
+        if options:
+            prompt += "Options:\n" + "".join(f"{k}. {v}\n" for k, v in options.items())
+            prompt += "Please select the correct answer from the options above. \n"
+        return prompt
     if options:
         prompt += "Options:\n" + "".join(f"{k}. {v}\n" for k, v in options.items())
         prompt += "请直接回答选项字母。" if _CJK.search(prompt) else "Please select the correct answer from the options above."

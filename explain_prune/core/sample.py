@@ -39,7 +39,7 @@ def load_image(image: Image.Image | str | Path, background: tuple[int, int, int]
 class Sample:
     """One visual question.
 
-    Exactly one of `images` / `video` carries the visual input.  `video` is either a path to a
+    Exactly one of `images` / `video` carries the visual input; `question` is the user text after it.  `video` is either a path to a
     video file (read by `data.video.read_frames` with the adapter's frame budget) or an
     already decoded list of frames.
     """
@@ -50,6 +50,11 @@ class Sample:
     video: str | Path | list[Image.Image] | None = None
     answer: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # A benchmark's pinned prompt, as VLMEvalKit lays out its message: `preamble` is user text that comes
+    # before the visual input (each family places it as its VLMEvalKit model does), and `verbatim` keeps
+    # the question's leading / trailing whitespace (a data source's free text is stripped).
+    preamble: str = ""
+    verbatim: bool = False
 
     @property
     def modality(self) -> str:

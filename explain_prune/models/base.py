@@ -249,16 +249,18 @@ class VLM(nn.Module, abc.ABC):
         return sample.question or ""
 
     def _read_sample(self, sample: Sample) -> tuple[str, list[Image.Image]]:
-        """The one validated prologue of every family's `preprocess`: (stripped question, the RGB images,
-        or the video's frames when `sample.video` is set).
+        """The one validated prologue of every family's `preprocess`: (the question, stripped unless
+        `sample.verbatim`, and the RGB images, or the video's frames when `sample.video` is set).
 
         One rule for all families, so a bad sample fails the same way whichever model runs it: an
         empty / whitespace-only question, both images and a video (which one was meant is unknown),
         or neither is an InputError of one line naming the sample.
         """
-        question = self.question_text(sample).strip()
-        if not question:
+        question = self.question_text(sample)
+        if not question.strip():
             raise InputError(f"sample {sample.id!r}: empty question")
+        if not sample.verbatim:
+            question = question.strip()
         if sample.video is not None and sample.images:
             raise InputError(f"sample {sample.id!r}: both images and a video given (one visual input per sample)")
         if sample.video is not None:

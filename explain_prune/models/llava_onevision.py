@@ -363,8 +363,10 @@ class LlavaOneVision(VLM):
 
     # --- the contract -----------------------------------------------------------------------------
     def question_text(self, sample: Sample) -> str:
-        """The question as given; a typed <image> / <video> would be expanded as a visual span."""
-        question = sample.question or ""
+        """The question as given, after the preamble: VLMEvalKit's LLaVA-OneVision puts all text after
+        the visual input (`generate_inner_video`).  A typed <image> / <video> would be expanded as a
+        visual span, so it is refused."""
+        question = sample.preamble + (sample.question or "")
         for token in (IMAGE_TOKEN, VIDEO_TOKEN):
             if token in question:
                 raise InputError(f"sample {sample.id!r}: question contains the reserved placeholder {token}")

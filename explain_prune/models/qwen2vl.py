@@ -147,11 +147,12 @@ class Qwen2VL(VLM):
 
     # --- prompt and pixels --------------------------------------------------------------------
     @staticmethod
-    def prompt_text(question: str, visual_placeholders: str) -> str:
-        """The chat-template text of one user turn with its visual span, ending at the answer."""
+    def prompt_text(question: str, visual_placeholders: str, preamble: str = "") -> str:
+        """The chat-template text of one user turn with its visual span, ending at the answer.  A
+        preamble stays before the visual span, as VLMEvalKit's Qwen2-VL keeps its message order."""
         return (
             f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
-            f"{visual_placeholders}{question}{ASSISTANT_OPEN}"
+            f"{preamble}{visual_placeholders}{question}{ASSISTANT_OPEN}"
         )
 
     def image_pixels(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +196,7 @@ class Qwen2VL(VLM):
             pad_token = self.tokenizer.convert_ids_to_tokens(pad_id)
             counts = (grid.prod(-1) // self.merge**2).tolist()
             span = "".join(f"<|vision_start|>{pad_token * n}<|vision_end|>" for n in counts)
-            input_ids = self.tokenizer(self.prompt_text(question, span), return_tensors="pt", add_special_tokens=False)[
+            input_ids = self.tokenizer(self.prompt_text(question, span, sample.preamble), return_tensors="pt", add_special_tokens=False)[
                 "input_ids"
             ]  # [1, L]
             visual_index = (input_ids[0] == pad_id).nonzero().squeeze(-1)

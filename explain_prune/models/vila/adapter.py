@@ -206,9 +206,10 @@ class Vila(VLM):
         )
 
     # --- prompt ---------------------------------------------------------------------------------------
-    def prompt_text(self, question: str, num_images: int) -> str:
-        """The conversation text with one "<image>\\n" per image/frame, ending where the answer starts."""
-        return self.conversation.prompt((IMAGE_TOKEN + "\n") * num_images + question)
+    def prompt_text(self, question: str, num_images: int, preamble: str = "") -> str:
+        """The conversation text with one "<image>\\n" per image/frame, ending where the answer starts;
+        a preamble stays before the images (VLMEvalKit's VILA concatenates its message in order)."""
+        return self.conversation.prompt(preamble + (IMAGE_TOKEN + "\n") * num_images + question)
 
     def _encode(self, chunk: str, first: bool) -> list[int]:
         """One text chunk as tokenizer_image_token tokenises it: with the tokenizer's special tokens,
@@ -240,7 +241,7 @@ class Vila(VLM):
         with HOST:
             question, images = self._read_sample(sample)
             pixels = self.image_processor(images)  # [N, 3, H, W]
-            input_ids = self.tokenize(self.prompt_text(question, len(images)), per_image)  # [1, L]
+            input_ids = self.tokenize(self.prompt_text(question, len(images), sample.preamble.replace(IMAGE_TOKEN, "")), per_image)  # [1, L]
             visual_index = (input_ids[0] == self.placeholder_id).nonzero().squeeze(-1)
         last = int(visual_index.max())
         nl = self._newline_ids
