@@ -295,7 +295,8 @@ def test_dart_matches_set_based_reference(name):
         assert torch.equal(prompt.visual_index, torch.arange(prompt.visual_index[0], prompt.visual_index[0] + prompt.num_visual))
         out = _hf_eager(vlm, prompt)
         with random_final_norm(vlm):  # tiny models init the norm weight to ones; DART must apply it
-            _, kept = _kept_ordinals(vlm, prompt, build_method("dart", 0.5, layer=2))
+            # the sorted-order variant (the official order: tests/test_reference_rules.py)
+            _, kept = _kept_ordinals(vlm, prompt, build_method("dart", 0.5, layer=2, pivot_order="sorted", topk_from="retention"))
             assert torch.equal(kept[2], _dart_reference(vlm, prompt, out, 2, 0.5))
 
 
