@@ -254,6 +254,9 @@ def check_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     for key, check in GROUP_CHECKS.items():
         if key in cfg and cfg[key] is not None:
             check(cfg[key])
+    bench, judge = cfg.get("benchmark"), cfg.get("judge")
+    if bench is not None and bench.get("llm_matcher") and (judge is None or judge.get("name", "none") in (None, "none")):
+        raise InputError("benchmark.llm_matcher=true asks the judge to read the answers: set judge=openai_compatible (or judge=fake)")
     for key, param in STAGE_SETTINGS.items():
         if key in cfg:
             check_value("", param, _plain(cfg[key]))

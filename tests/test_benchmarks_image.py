@@ -569,7 +569,7 @@ def test_registry_and_configs(tmp_path):
     with pytest.raises(InputError) as err:
         build_benchmark("mmbench", tmp_path)
     assert "mme" in str(err.value) and "mmvet" in str(err.value)
-    with pytest.raises(InputError, match=r"benchmark.max_new_token: unknown key \(allowed: limit, max_new_tokens, root, tsv\)"):
+    with pytest.raises(InputError, match=r"benchmark.max_new_token: unknown key \(allowed: limit, llm_matcher, max_new_tokens, root, tsv\)"):
         build_benchmark("mme", tmp_path, max_new_token=3)
     for name in ("mme", "pope", "mmstar", "seedbench", "mmvet"):
         cfg = OmegaConf.to_container(OmegaConf.load(CONF / "benchmark" / f"{name}.yaml"), resolve=True)

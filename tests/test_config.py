@@ -63,6 +63,7 @@ BAD = [
     ("evaluate", ["method=dart", "method.options.pivot_order=random"], "method.options.pivot_order: 'random' is not allowed (allowed: official, sorted)"),
     ("evaluate", ["method=dart", "method.options.topk_from=ratio"], "method.options.topk_from: 'ratio' is not allowed"),
     ("evaluate", ["method=fastv", "method.options.count_rule=ceil"], "method.options.count_rule: 'ceil' is not allowed"),
+    ("evaluate", ["benchmark=pope", "benchmark.llm_matcher=true"], "benchmark.llm_matcher=true asks the judge to read the answers"),
     # benchmark
     ("evaluate", ["benchmark.limit=abc"], "benchmark.limit: expected int | null, got 'abc'"),
     ("evaluate", ["+benchmark.limt=3"], "benchmark.limt: unknown key"),

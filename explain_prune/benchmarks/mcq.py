@@ -5,6 +5,7 @@ Prompt (`vlmeval_tsv.mcq_prompt`): "Hint: ..." (if any), "Question: ...", "Optio
 above." — stripped for Qwen2-VL (`vlmeval_qwen2vl_mcq`), followed by " \n" for LLaVA-OneVision and
 VILA (`vlmeval_default_mcq`, the dataset default they use). Extraction `vlmeval_can_infer` (`extract.extract_option_letter`) under the
 exact-matching policy: no judge; an answer no option can be inferred from scores as wrong.
+`llm_matcher: true` asks the run's judge instead, as VLMEvalKit does with an API key (benchmarks.matcher).
 
 Scoring (VLMEvalKit `mcq_vanilla_eval` + `report_acc`): hit = extracted letter == answer letter;
 accuracy in % overall and per `category`, `l2-category` and `split` where the TSV has them.
@@ -22,16 +23,17 @@ from explain_prune.benchmarks.extract import (
 from explain_prune.benchmarks.vlmeval_tsv import (
     RowError,
     TSVRow,
-    VLMEvalImageBenchmark,
+    VLMEvalMatchedBenchmark,
     grouped_accuracy,
     mcq_prompt,
     percent,
     row_options,
 )
+from explain_prune.benchmarks.matcher import MatchStats, match_option
 from explain_prune.core import Sample
 
 
-class VLMEvalMCQBenchmark(VLMEvalImageBenchmark):
+class VLMEvalMCQBenchmark(VLMEvalMatchedBenchmark):
     @property
     def prompt_id(self) -> str:
         return "vlmeval_qwen2vl_mcq" if self.qwen2vl_prompts else "vlmeval_default_mcq"
@@ -57,8 +59,12 @@ class VLMEvalMCQBenchmark(VLMEvalImageBenchmark):
 
     def score(self, records: list[Record], judge: Any = None) -> dict[str, Any]:
         hits: list[bool] = []
+        stats = MatchStats()
         for rec in records:
             rec.extracted = self.extract(rec.prediction, rec.meta)
+            if rec.extracted is None and self.llm_matcher:
+                rec.extracted = match_option(self.matcher_judge(judge), rec.meta["question"], rec.meta["options"],
+                                             rec.prediction, rec.id, stats)
             hits.append(rec.extracted is not None and rec.extracted == rec.answer)
         result: dict[str, Any] = {
             **self.describe(),
@@ -66,6 +72,8 @@ class VLMEvalMCQBenchmark(VLMEvalImageBenchmark):
             "overall": percent(sum(hits), len(hits)),
             "unextracted": sum(rec.extracted is None for rec in records),
         }
+        if self.llm_matcher:
+            result["llm_matcher_stats"] = stats.record(judge)
         for column, key in (("category", "categories"), ("l2-category", "l2_categories"), ("split", "splits")):
             groups = grouped_accuracy([(rec.meta.get(column), ok) for rec, ok in zip(records, hits)])
             if groups:

@@ -23,9 +23,10 @@ from explain_prune.benchmarks.extract import YES_NO_EXTRACTION_ID, extract_yes_n
 from explain_prune.benchmarks.vlmeval_tsv import (
     RowError,
     TSVRow,
-    VLMEvalImageBenchmark,
+    VLMEvalMatchedBenchmark,
     percent,
 )
+from explain_prune.benchmarks.matcher import MatchStats, match_yes_no
 from explain_prune.core import Sample
 from explain_prune.benchmarks.base import BENCHMARKS
 
@@ -45,7 +46,7 @@ def normalize_yes_no_answer(answer: str) -> str:
 
 
 @BENCHMARKS.register("mme")
-class MME(VLMEvalImageBenchmark):
+class MME(VLMEvalMatchedBenchmark):
     tsv_name = "MME"
     prompt_id = "vlmeval_raw_question"
     extraction_id = YES_NO_EXTRACTION_ID
@@ -65,8 +66,11 @@ class MME(VLMEvalImageBenchmark):
     def score(self, records: list[Record], judge: Any = None) -> dict[str, Any]:
         by_cat: dict[str, dict[str, list[bool]]] = {}
         unknown = 0
+        stats = MatchStats()
         for rec in records:
             rec.extracted = self.extract(rec.prediction, rec.meta)
+            if rec.extracted == "Unknown" and self.llm_matcher:
+                rec.extracted = match_yes_no(self.matcher_judge(judge), rec.meta["question"], rec.prediction, stats)
             unknown += rec.extracted == "Unknown"
             ok = rec.extracted == rec.answer
             cat = rec.meta["category"]
@@ -102,4 +106,5 @@ class MME(VLMEvalImageBenchmark):
             # images whose question count is not 2 (e.g. a `limit` cut a pair): acc+ needs all correct
             "incomplete_pairs": incomplete,
             "unknown_answers": unknown,
+            **({"llm_matcher_stats": stats.record(judge)} if self.llm_matcher else {}),
         }

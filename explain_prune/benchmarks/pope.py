@@ -30,9 +30,10 @@ from explain_prune.benchmarks.mme import normalize_yes_no_answer
 from explain_prune.benchmarks.vlmeval_tsv import (
     RowError,
     TSVRow,
-    VLMEvalImageBenchmark,
+    VLMEvalMatchedBenchmark,
     percent,
 )
+from explain_prune.benchmarks.matcher import MatchStats, match_yes_no
 from explain_prune.core import Sample
 from explain_prune.benchmarks.base import BENCHMARKS
 
@@ -67,7 +68,7 @@ def split_names(category: str | None) -> list[str]:
 
 
 @BENCHMARKS.register("pope")
-class POPE(VLMEvalImageBenchmark):
+class POPE(VLMEvalMatchedBenchmark):
     tsv_name = "POPE"
     extraction_id = YES_NO_EXTRACTION_ID
     max_new_tokens = 16
@@ -93,8 +94,11 @@ class POPE(VLMEvalImageBenchmark):
     def score(self, records: list[Record], judge: Any = None) -> dict[str, Any]:
         exploded: list[tuple[str, str, str]] = []  # (split, answer, extracted), a row once per split
         unknown = 0
+        stats = MatchStats()
         for rec in records:
             rec.extracted = self.extract(rec.prediction, rec.meta)
+            if rec.extracted == "Unknown" and self.llm_matcher:
+                rec.extracted = match_yes_no(self.matcher_judge(judge), rec.meta["question"], rec.prediction, stats)
             unknown += rec.extracted == "Unknown"
             splits = rec.meta.get("splits") or split_names(rec.meta.get("category"))
             exploded.extend((s, rec.answer, rec.extracted) for s in splits)
@@ -111,4 +115,5 @@ class POPE(VLMEvalImageBenchmark):
             **{k: overall[k] for k in ("accuracy", "accuracy_unknown_as_no", "precision", "recall", "f1", "yes_ratio")},
             "splits": splits,
             "unknown_answers": unknown,
+            **({"llm_matcher_stats": stats.record(judge)} if self.llm_matcher else {}),
         }

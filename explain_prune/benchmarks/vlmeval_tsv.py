@@ -359,3 +359,27 @@ def grouped_accuracy(pairs: list[tuple[str | None, bool]]) -> dict[str, float]:
         t[0] += int(ok)
         t[1] += 1
     return {g: percent(h, n) for g, (h, n) in sorted(totals.items())}
+
+
+class VLMEvalMatchedBenchmark(VLMEvalImageBenchmark):
+    """A VLMEvalKit TSV benchmark whose exact extraction may fall back to VLMEvalKit's LLM matcher
+    (`llm_matcher: true`, through the run's judge; benchmarks.matcher).  Off by default: VLMEvalKit's
+    `exact_matching` policy."""
+
+    def __init__(self, root: str | Path | None = None, llm_matcher: bool = False, **kwargs: Any):
+        super().__init__(root, **kwargs)
+        self.llm_matcher = bool(llm_matcher)
+        if self.llm_matcher:
+            self.extraction_id = f"{type(self).extraction_id}+llm_matcher"
+
+    @property
+    def needs_judge(self) -> bool:
+        return self.llm_matcher
+
+    def matcher_judge(self, judge: Any) -> Any:
+        if judge is None:
+            raise InputError(f"{self.name}: llm_matcher=true needs a judge (judge=openai_compatible, or judge=fake)")
+        return judge
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "llm_matcher": self.llm_matcher}
