@@ -534,3 +534,35 @@ def test_real_multirun_then_report(mmstar_root, tmp_path, monkeypatch, capsys): 
     base = vanilla["score"]["overall"]
     expected_avg = f"{100 * fastv['score']['overall'] / base:.1f}" if base else "n/a"  # a zero vanilla cannot normalise
     assert row["Avg.(%)"] == expected_avg
+
+
+def test_matched_flops_view_pairs_each_row_with_the_nearest_flops_of_the_other_methods(sweep, capsys):
+    """By hand from SWEEP (FLOPs = mean over the two benchmarks): qwen2vl fastv 5.5 / 3.0 / 1.5 T,
+    ours 4.8 / 2.4 / 1.0 T. So ours 25 % (2.4 T) meets fastv 25 % (3.0 T: |0.6| < |0.9| to 1.5 T), and
+    fastv 50 % (5.5 T) meets ours 50 % (4.8 T); llava_ov ours 25 % (3.1 T) meets fastv 25 % (3.6 T)."""
+    _, stderr = run_report(capsys, str(sweep))
+    assert "matched_flops.md" in stderr
+    text = (sweep / "matched_flops.md").read_text()
+    sections = {block.split("\n", 1)[0]: block for block in text.split("## ")[1:]}
+    qwen = {(r["Method"], r["Retention"]): r for r in md_table(sections["qwen2vl (image)"])}
+    assert qwen[("ours", "25.0%")]["fastv at the nearest FLOPs"] == "65.0 (25.0%, 3 T)"
+    assert qwen[("ours", "25.0%")]["Avg.(%)"] == "87.5" and qwen[("ours", "25.0%")]["FLOPs(T)"] == "2.4"
+    assert qwen[("fastv", "50.0%")]["ours at the nearest FLOPs"] == "95.0 (50.0%, 4.8 T)"
+    assert qwen[("fastv", "10.0%")]["ours at the nearest FLOPs"] == "72.5 (10.0%, 1 T)"  # 1.0 T (0.5 away) beats 2.4 T
+    assert ("vanilla", "100.0%") not in qwen and len(qwen) == 6
+    llava = {(r["Method"], r["Retention"]): r for r in md_table(sections["llava_ov (image)"])}
+    assert llava[("ours", "25.0%")]["fastv at the nearest FLOPs"] == "75.0 (25.0%, 3.6 T)"
+    assert llava[("ours", "25.0%")]["Avg.(%)"] == "92.0†"  # the partial average keeps its mark
+
+
+def test_matched_flops_view_without_vanilla_compares_the_one_benchmark_and_needs_two_methods(tmp_path, capsys):
+    root = tmp_path / "one"
+    write_job(root, "qwen2vl", "fastv", 0.25, "mmstar", 30.0, 3.0, 0.3, experiment=None)
+    write_job(root, "qwen2vl", "fastv", 0.5, "mmstar", 45.0, 5.0, 0.5, experiment=None)
+    run_report(capsys, str(root))
+    assert not (root / "matched_flops.md").exists()  # one method: nothing to match
+    write_job(root, "qwen2vl", "ours", 0.5, "mmstar", 50.0, 4.8, 0.5, experiment=None)
+    run_report(capsys, str(root))
+    rows = {(r["Method"], r["Retention"]): r for r in md_table((root / "matched_flops.md").read_text())}
+    assert rows[("ours", "50.0%")]["mmstar"] == "50.0" and rows[("ours", "50.0%")]["fastv at the nearest FLOPs"] == "45.0 (50.0%, 5 T)"
+    assert rows[("fastv", "25.0%")]["ours at the nearest FLOPs"] == "50.0 (50.0%, 4.8 T)"

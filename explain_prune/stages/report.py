@@ -12,6 +12,7 @@ from typing import Sequence
 
 from explain_prune.cli import task
 from explain_prune.core import write_bytes_atomic
+from explain_prune.report.matched import MATCHED, render_matched
 from explain_prune.report.plot import PLOT, write_plot
 from explain_prune.report.render import render_csv, render_latex, render_markdown
 from explain_prune.report.table import Table, build_table
@@ -44,10 +45,14 @@ def main(argv: Sequence[str] | None = None) -> Table:
     markdown = render_markdown(table)
     for name, text in (("report.md", markdown), ("report.csv", render_csv(table)), ("report.tex", render_latex(table))):
         write_bytes_atomic(out_dir / name, text.encode())
+    matched = render_matched(table)
+    if matched is not None:
+        write_bytes_atomic(out_dir / MATCHED, matched.encode())
     for warning in table.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(markdown)
     if args.wandb:
         log_to_wandb(table, out_dir, plot_path, markdown, args.project)
-    print(f"report: {out_dir}/report.md, report.csv, report.tex" + (f", {PLOT}" if plot_path else ""), file=sys.stderr)
+    print(f"report: {out_dir}/report.md, report.csv, report.tex" + (f", {PLOT}" if plot_path else "")
+          + (f", {MATCHED}" if matched is not None else ""), file=sys.stderr)
     return table
