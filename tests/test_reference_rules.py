@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from helpers import TINY_MODELS, model_cfg, random_image
 
+from explain_prune.core import InputError
+from explain_prune.core.retention import keep_count
 from explain_prune.engine import generate
 from explain_prune.methods import build_method
 from explain_prune.methods.pdrop import layer_averaged
@@ -207,3 +209,17 @@ def test_dart_token_topk_uses_the_float_reduction():
     for n in (1302, 1728, 6272):  # the paper's inputs: no difference at 50 / 25 / 10 %
         for r in (0.5, 0.25, 0.1):
             assert build_method("dart", r).token_topk(n) == build_method("dart", r, topk_from="retention").token_topk(n)
+
+
+def test_count_rules_are_the_references_and_agree_for_ints_and_tensors():
+    """lmms-eval's FastV KV variant keeps int(N·r): N = 70, r = 0.25 keeps 17, where the llava-hf port's
+    round(N(1−R)) keeps 18; both forms of keep_count agree with Python's int / round on every count."""
+    assert build_method("fastv", 0.25, count_rule="int").keep_count(70) == 17
+    assert build_method("fastv", 0.25).keep_count(70) == 18  # default: round, as llava-hf
+    n = torch.arange(0, 400)
+    for rule, python in (("int", int), ("round", round)):
+        for r in (0.1, 0.25, 0.5, 0.7, 1 / 3):
+            expected = [0 if k == 0 else min(max(1, python(k * r)), k) for k in n.tolist()]
+            assert keep_count(r, n, rule).tolist() == expected == [keep_count(r, k, rule) for k in n.tolist()]
+    with pytest.raises(InputError, match="count_rule must be one of round, int"):
+        keep_count(0.5, 10, "floor")
