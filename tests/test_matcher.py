@@ -81,5 +81,5 @@ def test_the_matcher_is_off_by_default_and_needs_a_judge(tmp_path):
     assert records[0].extracted is None and not judge.calls and "llm_matcher_stats" not in result and result["llm_matcher"] is False
     assert result["extraction_id"] == "vlmeval_can_infer" and bench.describe()["llm_matcher"] is False
     with pytest.raises(InputError, match="llm_matcher=true needs a judge"):
-        build_benchmark("pope", tmp_path, llm_matcher=True).score(mcq_records()[:0] + [
-            Record("1", "hmm", "Yes", None, {"question": "q", "splits": ["random"]})], judge=None)
+        build_benchmark("pope", tmp_path, llm_matcher=True).score(
+            [Record("1", "hmm", "Yes", None, {"question": "q", "splits": ["random"]})], judge=None)

@@ -16,12 +16,12 @@ one), so a re-score gives the same letter.  `MatchStats` goes into the score as 
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from explain_prune.benchmarks.extract import extract_option_letter, extract_yes_no
+from explain_prune.core import sample_seed
 
 MCQ_TRIES, YORN_TRIES = 3, 5
 
@@ -91,8 +91,7 @@ def match_option(judge: Any, question: str, options: Mapping[str, str], predicti
             stats.matched += 1
             return letter
     stats.random += 1
-    seed = int.from_bytes(hashlib.sha256(f"llm_matcher:{sample_id}".encode()).digest()[:8], "big")
-    return random.Random(seed).choice([*options, "Z"])
+    return random.Random(sample_seed(0, sample_id)).choice([*options, "Z"])
 
 
 def match_yes_no(judge: Any, question: str, prediction: str, stats: MatchStats) -> str:

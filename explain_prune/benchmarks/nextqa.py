@@ -36,7 +36,6 @@ their C/T/D groups, and overall WUPS@0.9.
 from __future__ import annotations
 
 import abc
-import hashlib
 import random
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -53,7 +52,7 @@ from explain_prune.benchmarks.video_base import (
     text_field,
 )
 from explain_prune.benchmarks.wups import Wups
-from explain_prune.core import InputError, Sample
+from explain_prune.core import InputError, Sample, sample_seed
 from explain_prune.benchmarks.base import BENCHMARKS
 
 OPTIONS = ("A", "B", "C", "D", "E")
@@ -136,11 +135,13 @@ class NExTQAMC(_NExTQA):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "answer_rule": self.answer_rule, "seed": self.seed}
 
-    def fallback(self, sample_meta: dict[str, Any]) -> random.Random:
-        """The generator of one sample's random fallback letter, seeded with (seed, sample id)."""
+    def parse(self, prediction: str, sample_meta: dict[str, Any]) -> tuple[str | None, bool]:
+        """(letter, whether it was drawn at random) under the answer rule; the random fallback is seeded
+        with (seed, sample id)."""
+        if self.answer_rule == "can_infer":
+            return extract_option_letter(str(prediction), sample_meta["options"]), False
         sample_id = f"{sample_meta.get('video')}_{sample_meta.get('qid')}"  # = record_id
-        digest = hashlib.sha256(f"{self.seed}:{sample_id}".encode()).digest()
-        return random.Random(int.from_bytes(digest[:8], "big"))
+        return parse_multi_choice(str(prediction), sample_meta["options"], random.Random(sample_seed(self.seed, sample_id)))
 
     def data_candidates(self) -> tuple[str, ...]:
         return ("MC/test-00000-of-00001.parquet",)
@@ -162,20 +163,13 @@ class NExTQAMC(_NExTQA):
         return Sample(id=sid, question=prompt, video=video, answer=answer, meta=meta)
 
     def extract(self, prediction: str, sample_meta: dict[str, Any]) -> str | None:
-        if self.answer_rule == "can_infer":
-            return extract_option_letter(str(prediction), sample_meta["options"])
-        return parse_multi_choice(str(prediction), sample_meta["options"], self.fallback(sample_meta))[0]
+        return self.parse(prediction, sample_meta)[0]
 
     def score(self, records: list[Record], judge: Any = None) -> dict[str, Any]:
         hits, drawn = [], 0
         for rec in records:
-            if rec.prediction is None:
-                rec.extracted = None
-            elif self.answer_rule == "can_infer":
-                rec.extracted = self.extract(rec.prediction, rec.meta)
-            else:
-                rec.extracted, random_pick = parse_multi_choice(str(rec.prediction), rec.meta["options"], self.fallback(rec.meta))
-                drawn += random_pick
+            rec.extracted, random_pick = (None, False) if rec.prediction is None else self.parse(rec.prediction, rec.meta)
+            drawn += random_pick
             hits.append(int(rec.extracted is not None and rec.extracted == rec.answer))
         out = {
             **self.describe(),

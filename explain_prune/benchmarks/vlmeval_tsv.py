@@ -167,15 +167,12 @@ def mcq_prompt(question: str, options: dict[str, str], hint: str | None = None, 
     LLaVA-OneVision and VILA: the English instruction followed by " \\n", nothing stripped."""
     prompt = f"Hint: {hint}\n" if hint is not None else ""
     prompt += f"Question: {question}\n"
-    if not qwen2vl:
-        if options:
-            prompt += "Options:\n" + "".join(f"{k}. {v}\n" for k, v in options.items())
-            prompt += "Please select the correct answer from the options above. \n"
-        return prompt
     if options:
         prompt += "Options:\n" + "".join(f"{k}. {v}\n" for k, v in options.items())
+        if not qwen2vl:
+            return prompt + "Please select the correct answer from the options above. \n"
         prompt += "请直接回答选项字母。" if _CJK.search(prompt) else "Please select the correct answer from the options above."
-    return prompt.rstrip()
+    return prompt.rstrip() if qwen2vl else prompt
 
 
 @dataclass

@@ -14,7 +14,7 @@ from explain_prune.core.io import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from explain_prune.core.sample import DeferredSample, Sample, load_image
+from explain_prune.core.sample import DeferredSample, Sample, load_image, sample_seed
 
 __all__ = [
     "RESULTS",
@@ -27,6 +27,7 @@ __all__ = [
     "fsync_dir",
     "jsonable",
     "load_image",
+    "sample_seed",
     "read_json",
     "publish",
     "resolve_data_root",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -9,6 +10,13 @@ from typing import Any, Callable
 from PIL import Image
 
 from explain_prune.core.errors import InputError, RowError
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    """A 63-bit seed from (seed, sample id) that does not depend on PYTHONHASHSEED: every per-sample
+    draw (the random method, a scorer's random fallback) is the same in every run, process and order."""
+    digest = hashlib.sha256(f"{int(seed)}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:

@@ -6,19 +6,12 @@ every run, process and batch composition.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
+from explain_prune.core import sample_seed
 from explain_prune.engine.plan import PrunePlan, TokenView
 from explain_prune.methods.base import METHODS, Method, tracked
 from explain_prune.models.base import VLM, VisualPrompt
-
-
-def sample_seed(seed: int, sample_id: str) -> int:
-    """A 63-bit seed from (seed, sample id) that does not depend on PYTHONHASHSEED."""
-    digest = hashlib.sha256(f"{int(seed)}:{sample_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @METHODS.register("random")
