@@ -86,6 +86,29 @@ def unknown_choice(overrides: list[str], conf_dir: Path = CONF_DIR, config_name:
     return None
 
 
+def retention_values(overrides: list[str], config_name: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    """`retention=0.25` (a number, or a sweep of numbers) -> `method.retention=0.25`: the retention
+    group's options are the paper's named settings (r0.25, ...); any other fraction is the method's own
+    setting, so a plain number means that.  Entry points without the group are left alone."""
+    if "retention" not in entry_groups(config_name, conf_dir):
+        return overrides
+    out = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == "retention" and value and all(_is_number(v) for v in value.split(",")):
+            override = f"method.retention={value}"
+        out.append(override)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def entry_help(config_name: str, summary: str, conf_dir: Path = CONF_DIR) -> str:
     """`--help`: what the entry point does and one line per group it uses (Hydra's own help lists
     every group of conf/, including those this entry point cannot take)."""
@@ -114,7 +137,7 @@ def checked_choices(entry: Callable[[], Any]) -> Callable[[], Any]:
     @functools.wraps(entry)
     def run(*args: Any, **kwargs: Any) -> Any:
         if not args and not kwargs:
-            argv = sys.argv[1:]
+            argv = sys.argv[1:] = retention_values(sys.argv[1:], config_name)
             if "--help" in argv or "-h" in argv:
                 print(entry_help(config_name, (sys.modules[entry.__module__].__doc__ or "").split("\n\n")[0]))
                 sys.exit(0)

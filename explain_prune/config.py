@@ -254,6 +254,14 @@ def check_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     for key, check in GROUP_CHECKS.items():
         if key in cfg and cfg[key] is not None:
             check(cfg[key])
+    method, modality = cfg.get("method"), cfg.get("modality")
+    if method is not None and modality is not None and modality.get("name") is not None:
+        from explain_prune.methods import METHODS
+
+        supported = METHODS.get(method.get("name")).modalities
+        if modality.get("name") not in supported:
+            raise InputError(f"method={method.get('name')} defines a rule for {' and '.join(supported)} inputs only, "
+                             f"not modality={modality.get('name')}")
     bench, judge = cfg.get("benchmark"), cfg.get("judge")
     if bench is not None and bench.get("llm_matcher") and (judge is None or judge.get("name", "none") in (None, "none")):
         raise InputError("benchmark.llm_matcher=true asks the judge to read the answers: set judge=openai_compatible (or judge=fake)")

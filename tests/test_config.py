@@ -97,6 +97,11 @@ BAD = [
     ("train", ["compressor.lr=fast"], "compressor.lr: expected float, got 'fast'"),
     ("train", ["compressor.lr=-1"], "compressor.lr: must be >= 0, got -1"),
     ("train", ["compressor.mask_ratio=1.5"], "compressor.mask_ratio: must be in [0, 1), got 1.5"),
+    ("evaluate", ["method=fastvid"], "method=fastvid defines a rule for video inputs only, not modality=image"),
+    ("evaluate", ["method=prunevid", "modality=video", "method.options.tau=2"], "method (prunevid): prunevid: tau must be in [-1, 1]"),
+    ("evaluate", ["method=prunevid", "modality=video", "+method.options.K=10"], "method.options.K: unknown key"),
+    ("evaluate", ["method=fastvid", "modality=video", "method.options.stprune_d=1.0"], "method (fastvid): fastvid: stprune_d must be in [0, 1)"),
+    ("evaluate", ["method=fastvid", "modality=video", "method.options.dtm_p=x"], "method.options.dtm_p: expected int, got 'x'"),
     ("train", ["+compressor.epochs=3"], "compressor.epochs: unknown key"),
     # flops
     ("flops", ["method=dart", "method.options.pivot_image=x"], "method.options.pivot_image: expected int, got 'x'"),
@@ -127,6 +132,7 @@ def test_defaults_pass(stage):
 @pytest.mark.parametrize("overrides", [
     ["baseline=fastv"], ["baseline=pdrop", "retention=r0.51"], ["method=dart", "retention=r0.1"],
     ["method=visionzip", "method.retention=0.3"], ["judge=fake"], ["model=qwen2vl"], ["model=vila15", "modality=video"],
+    ["method=fastvid", "modality=video"], ["baseline=prunevid", "modality=video"],
 ])
 def test_good_values_pass(overrides):
     check_config(composed("evaluate", *overrides))
@@ -208,7 +214,7 @@ def test_baseline_is_the_method_and_refuses_non_baselines():
         composed("evaluate", "baseline=ours")
 
 
-@pytest.mark.parametrize("method", ["vanilla", "random", "gae", "fastv", "pdrop", "dart", "visionzip", "ours"])
+@pytest.mark.parametrize("method", ["vanilla", "random", "gae", "fastv", "pdrop", "dart", "visionzip", "ours", "fastvid", "prunevid"])
 def test_evaluate_prunes_at_the_methods_default(method):
     """No top-level retention overrides the method's: `method=<m>` runs at conf/method/<m>.yaml's value."""
     from omegaconf import OmegaConf
@@ -227,8 +233,8 @@ def test_retention_group_sets_the_methods_retention(value):
 
 
 @pytest.mark.parametrize(("override", "line"), [
-    ("method=nonexistent", "error: method=nonexistent: no such option (allowed: dart, fastv, gae, ours, pdrop, random, vanilla, visionzip)"),
-    ("baseline=ours", "error: baseline=ours: no such option (allowed: dart, fastv, pdrop, random, visionzip)"),
+    ("method=nonexistent", "error: method=nonexistent: no such option (allowed: dart, fastv, fastvid, gae, ours, pdrop, prunevid, random, vanilla, visionzip)"),
+    ("baseline=ours", "error: baseline=ours: no such option (allowed: dart, fastv, fastvid, pdrop, prunevid, random, visionzip)"),
 ])
 def test_an_unknown_group_option_is_one_line_and_exit_2(tmp_path, override, line):
     proc = subprocess.run([sys.executable, "-m", "explain_prune.evaluate", override], cwd=tmp_path,

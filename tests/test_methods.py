@@ -419,3 +419,9 @@ def test_flops_cli():
     assert len(bad.stderr.strip().splitlines()) == 1
     missing = _flops_cli("model=qwen2vl", "method=pdrop", "retention=r0.25")
     assert missing.returncode == 2 and "n_visual" in missing.stderr
+    # a plain number is the method's own retention (the group's options are the paper's named settings):
+    # Table 10's FastVID row, LLaVA-OV at 32 x 196 frames, 25 %: 11.7 T
+    plain = _flops_cli("model=llava_ov", "n_visual=6272", "method=fastvid", "retention=0.25")
+    assert plain.returncode == 0, plain.stderr
+    fastvid = json.loads(plain.stdout.strip().splitlines()[-1])
+    assert fastvid["retention"] == 0.25 and round(fastvid["flops_T"], 1) == 11.7

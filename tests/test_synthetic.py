@@ -284,8 +284,8 @@ def test_fit_smoke(tmp_path):
     from explain_prune.synthetic.fit import fit
 
     overrides = [
-        "steps=2", "eval_every=1", "data.val_n=2", f"out_dir={tmp_path}",
-        "data.streams.small.batch_size=2", "data.streams.large.batch_size=1", "data.streams.large.from_level=1",
+        "steps=2", "eval_every=1", "training.val_n=2", f"out_dir={tmp_path}",
+        "training.streams.small.batch_size=2", "training.streams.large.batch_size=1", "training.streams.large.from_level=1",
         "heldout.test.n=2", "heldout.test.ablation_n=1", "~heldout.test_1to6", "~heldout.large_448px",
         "heldout.video_8f.n=1", "heldout.video_8f.ablation_n=0",
     ]

@@ -123,7 +123,7 @@ def test_samples_are_the_held_out_generator_stream():
     assert bench.seed == BENCHMARK_SEED and bench.limit == 500 and bench.modality == "image"
     # the seed is none of the streams the model (fit.py) or f_θ (conf/data/synthetic.yaml) learned from
     fit = OmegaConf.load(ROOT / "conf/synthetic_fit.yaml")
-    fit_streams = {int(fit.seed) + 7919 * k for k in range(len(fit.data.streams))}
+    fit_streams = {int(fit.seed) + 7919 * k for k in range(len(fit.training.streams))}
     data_seed = int(OmegaConf.load(ROOT / "conf/data/synthetic.yaml").seed)
     assert BENCHMARK_SEED not in fit_streams | {VAL_SEED, TEST_SEED, data_seed}
     samples = list(bench.load(limit=3))

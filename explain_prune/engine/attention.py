@@ -34,8 +34,10 @@ def query_key_states(
     hidden: torch.Tensor,
     position_ids: torch.Tensor,
     query_index: torch.Tensor | None,
+    rope: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Post-RoPE queries [H, Q, hd] (for query_index) and keys [KVH, n, hd] of one sample.
+    """Post-RoPE queries [H, Q, hd] (for query_index) and keys [KVH, n, hd] of one sample
+    (rope=False: before the rotary embedding, as PruneVid scores).
 
     hidden is the residual stream entering `layer` ([n, d]); the layer's input norm is applied here.
     """
@@ -46,13 +48,15 @@ def query_key_states(
     keys = attn.k_proj(x).view(x.shape[0], -1, head_dim).transpose(0, 1)
     if getattr(attn, "k_norm", None) is not None:
         keys = attn.k_norm(keys)
-    keys = _rope(keys, cos, sin)
+    if rope:
+        keys = _rope(keys, cos, sin)
     if query_index is None:
         return None, keys
     queries = attn.q_proj(x[query_index]).view(query_index.numel(), -1, head_dim).transpose(0, 1)
     if getattr(attn, "q_norm", None) is not None:
         queries = attn.q_norm(queries)
-    queries = _rope(queries, cos[query_index], sin[query_index])
+    if rope:
+        queries = _rope(queries, cos[query_index], sin[query_index])
     return queries, keys
 
 

@@ -189,7 +189,8 @@ def _selector_layers(plans: Sequence[PrunePlan], num_layers: int) -> set[int]:
     selector_layers = set(plans[0].selectors)
     for plan in plans:
         plan.validate(num_layers)
-        if set(plan.selectors) != selector_layers or plan.renumber_positions != plans[0].renumber_positions:
+        if (set(plan.selectors) != selector_layers or plan.renumber_positions != plans[0].renumber_positions
+                or plan.evict_earlier_caches != plans[0].evict_earlier_caches):
             raise ValueError("every sample of a batch must prune at the same layers")
     return selector_layers
 
@@ -229,9 +230,14 @@ def _prefill(
             # TokenView.previous_hidden: withheld when the previous layer also selected
             keep = _select(i, state, plans, prompts, vlm, None if (i - 1) in selector_layers else previous_hidden)
             if mode == "remove":
-                state = state.gather(*_left_packed(keep))
+                index, valid = _left_packed(keep)
+                state = state.gather(index, valid)
+                if plans[0].evict_earlier_caches:
+                    _evict(cache, key_live, index, valid)
             else:
                 state.live = keep
+                if plans[0].evict_earlier_caches:
+                    key_live[:] = [live & keep for live in key_live]
             if plans[0].renumber_positions:
                 _renumber(state)
         kept_per_layer[:, i] = (state.visual & state.live).sum(1).cpu()
@@ -244,6 +250,17 @@ def _prefill(
     logits = _logits(decoder.lm_head(last_hidden if return_logits else last_hidden[:, -1:]))
     _sync(vlm)
     return _Prefill(state, cache, key_live, kept_per_layer, logits, time.perf_counter() - start)
+
+
+def _evict(cache: KVCache, key_live: list[torch.Tensor], index: torch.Tensor, valid: torch.Tensor) -> None:
+    """Re-pack the caches of the layers already run ([B, heads, L, hd], laid out as the batch before
+    the selection: the plan selects at one layer only) to the kept tokens, as the batch was."""
+    b = torch.arange(index.shape[0], device=index.device)[:, None]
+    for j, live in enumerate(key_live):
+        keys, values = cache.keys[j], cache.values[j]
+        cache.keys[j] = keys.transpose(1, 2)[b, index].transpose(1, 2) * valid[:, None, :, None]
+        cache.values[j] = values.transpose(1, 2)[b, index].transpose(1, 2) * valid[:, None, :, None]
+        key_live[j] = live[b, index] & valid
 
 
 def _kv_bytes(prefill: _Prefill) -> torch.Tensor:

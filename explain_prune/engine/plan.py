@@ -59,6 +59,16 @@ class TokenView:
             query_index.to(self.hidden.device),
         )
 
+    def projections(self, query_index: torch.Tensor, layer: int | None = None, rope: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries [H, Q, hd] of `query_index`, keys [KVH, n, hd]) of `layer` (default: this layer),
+        post-RoPE unless rope=False."""
+        layer = self.layer if layer is None else layer
+        queries, keys = query_key_states(
+            self.decoder.layers[layer], self.decoder.rotary_emb, self._hidden_for(layer), self.position_ids,
+            query_index.to(self.hidden.device), rope=rope,
+        )
+        return queries, keys
+
     def keys(self, layer: int | None = None) -> torch.Tensor:
         """Post-RoPE key states [kv_heads, n, head_dim] of `layer` (default: this layer)."""
         layer = self.layer if layer is None else layer
@@ -92,8 +102,13 @@ class PrunePlan:
     selectors: dict[int, Callable[[TokenView], torch.Tensor]] = field(default_factory=dict)
     renumber_positions: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    # drop the pruned tokens from the KV caches of the layers before the selecting one too, so decode
+    # steps no longer see them anywhere (PruneVid's stage 2); one selecting layer only
+    evict_earlier_caches: bool = False
 
     def validate(self, num_layers: int) -> None:
         for layer in self.selectors:
             if not 0 <= layer < num_layers:
                 raise ValueError(f"prune plan names layer {layer}, the model has layers 0..{num_layers - 1}")
+        if self.evict_earlier_caches and len(self.selectors) != 1:
+            raise ValueError("evict_earlier_caches needs exactly one selecting layer")

@@ -9,10 +9,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from explain_prune.core.retention import check_retention, keep_count
-from explain_prune.methods import dart, fastv, gae, ours, pdrop, random, vanilla, visionzip  # noqa: F401 (register)
+from explain_prune.methods import dart, fastv, fastvid, gae, ours, pdrop, prunevid, random, vanilla, visionzip  # noqa: F401 (register)
 from explain_prune.methods.base import METHODS, Method
 
-BASELINES = ("dart", "fastv", "pdrop", "random", "visionzip")  # the `baseline=` group: methods the paper compares to
+BASELINES = ("dart", "fastv", "fastvid", "pdrop", "prunevid", "random", "visionzip")  # the `baseline=` group: methods the paper compares to
 
 
 def method_class(name: str) -> type[Method]:

@@ -14,6 +14,7 @@ Every selector a method registers goes through `tracked`, which records in `plan
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
@@ -27,6 +28,50 @@ from explain_prune.models.base import VLM, VisualPrompt
 SelectFn = Callable[[TokenView], "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"]
 
 
+def compressed_prompt(prompt: VisualPrompt, kept: torch.Tensor, kept_embeds: torch.Tensor, meta_key: str,
+                      info: dict[str, Any]) -> VisualPrompt:
+    """The prompt with only the visual tokens `kept` (ordinals, ascending [k]), carrying `kept_embeds`
+    ([k, d]: merged tokens differ from the originals) at their original positions (M-RoPE ids for
+    Qwen2-VL).  Methods that rewrite the visual tokens before the LLM (VisionZip, FastVID, PruneVid)
+    return it from `transform`; `info` lands in `meta[meta_key]` with the input count and `kept`."""
+    if meta_key in prompt.meta:
+        raise InputError(f"sample {prompt.sample_id!r} was already compressed by {meta_key}")
+    kept = kept.cpu()
+    device = prompt.inputs_embeds.device
+    keep = torch.ones(prompt.length, dtype=torch.bool, device="cpu")  # over positions, like visual_index
+    keep[prompt.visual_index] = False
+    keep[prompt.visual_index[kept]] = True
+    new_index = keep.long().cumsum(0) - 1  # old position -> new position (for kept ones)
+    embeds = prompt.inputs_embeds[:, keep.to(device)].clone()
+    new_visual = new_index[prompt.visual_index[kept]]
+    embeds[0, new_visual.to(device)] = kept_embeds.to(device=device, dtype=embeds.dtype)
+    return dataclasses.replace(
+        prompt,
+        inputs_embeds=embeds,
+        position_ids=prompt.position_ids[..., keep.to(prompt.position_ids.device)],
+        attention_mask=prompt.attention_mask[:, keep.to(prompt.attention_mask.device)],
+        input_ids=prompt.input_ids[:, keep.to(prompt.input_ids.device)],
+        visual_index=new_visual,
+        instruction_index=new_index[prompt.instruction_index],
+        meta={**prompt.meta, meta_key: {"num_visual_input": prompt.num_visual, "kept": kept, **info}},
+    )
+
+
+def video_frames(prompt: VisualPrompt, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frames [T, h*w], extra [E]): the visual-token ordinals of each frame of a video prompt, and
+    those outside the frame grid, which video methods keep as they are.
+
+    One rule covers the families' layouts (`visual_grid` = (T, h, w), frames first, in order):
+    Qwen2-VL's T temporal tokens (each 2 frames), LLaVA-OV's T pooled frames followed by one newline
+    token (the extra), VILA's T per-frame token blocks (column-major inside a frame)."""
+    if prompt.meta.get("modality") != "video":
+        raise InputError(f"{method} prunes videos: sample {prompt.sample_id!r} is a {prompt.meta.get('modality', 'non-video')} prompt")
+    t, h, w = prompt.visual_grid
+    n = prompt.num_visual
+    if t * h * w == 0 or t * h * w > n:
+        raise InputError(f"{method}: sample {prompt.sample_id!r} has a visual grid {prompt.visual_grid} for {n} visual tokens")
+    ordinals = torch.arange(n)
+    return ordinals[: t * h * w].view(t, h * w), ordinals[t * h * w :]
 
 
 def tracked(plan: PrunePlan, layer: int, select: SelectFn) -> Callable[[TokenView], torch.Tensor]:
@@ -79,6 +124,7 @@ class Method(abc.ABC):
 
     name: ClassVar[str] = "base"
     defaults: ClassVar[Mapping[str, Any]] = {}
+    modalities: ClassVar[tuple[str, ...]] = ("image", "video")  # the inputs the method defines a rule for
     choices: ClassVar[Mapping[str, tuple]] = {"count_rule": COUNT_RULES}
 
     def __init__(self, retention: float = 1.0, **options: Any):

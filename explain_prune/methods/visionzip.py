@@ -32,7 +32,6 @@ returns the compressed `VisualPrompt`, and `plan` on it only records the kept to
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 
 from explain_prune.core import InputError
 from explain_prune.engine.plan import PrunePlan
-from explain_prune.methods.base import METHODS, Method
+from explain_prune.methods.base import METHODS, Method, compressed_prompt
 from explain_prune.models.base import VLM, VisualPrompt
 
 META_KEY = "visionzip"
@@ -118,8 +117,7 @@ class VisionZip(Method):
         """The prompt with only the k dominant + contextual visual tokens (see module doc)."""
         if META_KEY in prompt.meta:
             raise InputError(f"sample {prompt.sample_id!r} was already compressed by visionzip")
-        n = prompt.num_visual
-        k = self.keep_count(n)
+        k = self.keep_count(prompt.num_visual)
         dominant, contextual = split_budget(k, self.options["contextual_share"])
         scores, keys = vision_token_scores(vlm, prompt, int(self.options["vision_layer"]))
         device = prompt.inputs_embeds.device
@@ -127,35 +125,8 @@ class VisionZip(Method):
         kept, kept_embeds, targets = zip_tokens(
             scores.to(device), keys.to(device), prompt.inputs_embeds[0, visual].detach(), dominant, contextual
         )
-        kept, targets, scores = kept.cpu(), targets.cpu(), scores.cpu()  # host-side bookkeeping (one sync)
-        keep = torch.ones(prompt.length, dtype=torch.bool, device="cpu")  # over positions, like visual_index
-        keep[prompt.visual_index] = False
-        keep[prompt.visual_index[kept]] = True
-        new_index = keep.long().cumsum(0) - 1  # old position -> new position (for kept ones)
-        keep_dev = keep.to(device)
-        embeds = prompt.inputs_embeds[:, keep_dev].clone()
-        new_visual = new_index[prompt.visual_index[kept]]
-        embeds[0, new_visual.to(device)] = kept_embeds.to(device=device, dtype=embeds.dtype)
-        position_ids = prompt.position_ids[..., keep.to(prompt.position_ids.device)]
-        return dataclasses.replace(
-            prompt,
-            inputs_embeds=embeds,
-            position_ids=position_ids,
-            attention_mask=prompt.attention_mask[:, keep.to(prompt.attention_mask.device)],
-            input_ids=prompt.input_ids[:, keep.to(prompt.input_ids.device)],
-            visual_index=new_visual,
-            instruction_index=new_index[prompt.instruction_index],
-            meta={
-                **prompt.meta,
-                META_KEY: {
-                    "num_visual_input": n,
-                    "kept": kept,
-                    "dominant": dominant,
-                    "contextual_targets": targets,
-                    "scores": scores,
-                },
-            },
-        )
+        info = {"dominant": dominant, "contextual_targets": targets.cpu(), "scores": scores.cpu()}
+        return compressed_prompt(prompt, kept, kept_embeds, META_KEY, info)
 
     def plan(self, vlm: VLM, prompt: VisualPrompt) -> PrunePlan:
         if META_KEY not in prompt.meta:

@@ -200,7 +200,7 @@ class SyntheticStream(IterableDataset):
     def __init__(self, vlm: Any, streams: dict[str, Stream], cycle: Sequence[str], curriculum: Curriculum, seed: int):
         unknown = set(cycle) - set(streams)
         if not cycle or unknown:
-            raise InputError(f"data.cycle must name streams in {sorted(streams)}, got {list(cycle)}")
+            raise InputError(f"training.cycle must name streams in {sorted(streams)}, got {list(cycle)}")
         self.vlm, self.streams, self.cycle = vlm, streams, list(cycle)
         self.curriculum, self.seed = curriculum, seed
         self.names = list(streams)
@@ -319,16 +319,16 @@ def fit(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
 
     streams = {
         name: Stream(synthetic_config(node.config), int(node.batch_size), int(node.get("from_level", 0)))
-        for name, node in cfg.data.streams.items()
+        for name, node in cfg.training.streams.items()
     }
     cur = cfg.curriculum
     curriculum = Curriculum(int(cur.start), int(cur.stop), float(cur.threshold), int(cur.window), int(cur.min_steps))
-    val_samples = generate(synthetic_config(cfg.data.val), int(cfg.data.val_n), seed=VAL_SEED)
+    val_samples = generate(synthetic_config(cfg.training.val), int(cfg.training.val_n), seed=VAL_SEED)
     curve: list[dict[str, Any]] = []
     steps = int(cfg.steps)
     module = _lightning_module(vlm, curriculum, float(cfg.lr), float(cfg.weight_decay), steps,
                                float(cfg.pct_start), val_samples, int(cfg.eval_every), curve, started)
-    stream = SyntheticStream(vlm, streams, list(cfg.data.cycle), curriculum, int(cfg.seed))
+    stream = SyntheticStream(vlm, streams, list(cfg.training.cycle), curriculum, int(cfg.seed))
     loader = DataLoader(stream, batch_size=None, num_workers=0)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -368,7 +368,7 @@ def fit(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
         "curriculum": curriculum.history,
         "batches_per_stream": stream.counts,
-        "train": OmegaConf.to_container(cfg.data, resolve=True),
+        "train": OmegaConf.to_container(cfg.training, resolve=True),
         "heldout_seed": TEST_SEED,
         "heldout": heldout,
         "curve": curve,
