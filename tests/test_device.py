@@ -68,7 +68,7 @@ def ftheta_path(tmp_path_factory):
 def method_options(name: str, ftheta: str) -> dict:
     """Options that make every selector run on a 3-layer tiny model (defaults otherwise)."""
     return {"ours": {"checkpoint": ftheta}, "fastv": {"layer": 2}, "pdrop": {"layers": [1, 2]}, "dart": {"layer": 2},
-            "gae": {"max_new_tokens": 2}}.get(name, {})
+            "gae": {"max_new_tokens": 2}, "prunevid": {"layer": 1, "merge_above": 2}}.get(name, {})
 
 
 def test_the_meta_default_catches_a_tensor_made_without_a_device():
@@ -85,9 +85,11 @@ def test_the_meta_default_catches_a_tensor_made_without_a_device():
 
 @pytest.mark.parametrize("name", TINY_MODELS)
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_engine_runs_every_method_with_the_default_device_on_meta(name, method, ftheta_path):
+def test_engine_runs_every_method_with_the_default_device_on_meta(name, method, ftheta_path, video_file):
     vlm = tiny(name)
     sample = Sample(id="s", question="What color is the object ?", images=[random_image(1, 112, 140)])
+    if "image" not in METHODS.get(method).modalities:  # the video methods
+        sample = Sample(id="v", question="What happens ?", video=video_file)
     selector = None if method == "vanilla" else build_method(method, 0.5, **method_options(method, str(ftheta_path)))
     with meta_default_device():  # the method is built at config time, before; it runs here
         prompt = vlm.prepare(sample)

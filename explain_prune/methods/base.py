@@ -70,7 +70,7 @@ def video_frames(prompt: VisualPrompt, method: str) -> tuple[torch.Tensor, torch
     n = prompt.num_visual
     if t * h * w == 0 or t * h * w > n:
         raise InputError(f"{method}: sample {prompt.sample_id!r} has a visual grid {prompt.visual_grid} for {n} visual tokens")
-    ordinals = torch.arange(n)
+    ordinals = torch.arange(n, device="cpu")  # host-side bookkeeping, like visual_index
     return ordinals[: t * h * w].view(t, h * w), ordinals[t * h * w :]
 
 

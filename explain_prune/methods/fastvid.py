@@ -123,7 +123,7 @@ class FastVID(Method):
         rest.scatter_(1, salient, False)
         rest_index = rest.nonzero()[:, 1].view(num_frames, frame_tokens - salient_n)  # [T, P - S] ascending
         rest_tokens = torch.gather(x, 1, rest_index[..., None].expand(-1, -1, x.shape[-1]))  # [T, P - S, D]
-        generator = torch.Generator().manual_seed(sample_seed(int(o["seed"]), prompt.sample_id))
+        generator = torch.Generator(device="cpu").manual_seed(sample_seed(int(o["seed"]), prompt.sample_id))
         score, _ = peak_scores(rest_tokens, int(o["density_k"]), float(o["density_noise"]), generator)  # [T, P - S]
 
         kept = [frames[t, salient[t].cpu()] for t in range(num_frames)] + [extra]

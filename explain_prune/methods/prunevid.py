@@ -154,9 +154,9 @@ class PruneVid(Method):
         device = prompt.inputs_embeds.device
         embeds = prompt.inputs_embeds[0, prompt.visual_index.to(device)].detach()
         x = embeds[frames.to(device)]  # [T, P, D]
-        generator = torch.Generator().manual_seed(sample_seed(int(self.options["seed"]), prompt.sample_id))
+        generator = torch.Generator(device="cpu").manual_seed(sample_seed(int(self.options["seed"]), prompt.sample_id))
         sizes = self.segments(x.mean(1), generator)
-        tokens, slots, groups = [embeds[extra.to(device)]], [extra], [torch.full((extra.numel(),), -1)]
+        tokens, slots, groups = [embeds[extra.to(device)]], [extra], [torch.full((extra.numel(),), -1, device="cpu")]
         start, group = 0, 0
         for size in sizes:
             window = x[start : start + size]  # [W, P, D]
@@ -171,7 +171,7 @@ class PruneVid(Method):
                 merged, at = self.merge_group(feats, where, generator)
                 tokens.append(merged)
                 slots.append(at)
-                groups.append(torch.full((at.numel(),), group))
+                groups.append(torch.full((at.numel(),), group, device="cpu"))
                 group += 1
             start += size
         kept, order = torch.cat(slots).sort()
