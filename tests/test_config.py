@@ -124,7 +124,7 @@ def test_bad_value_is_one_line_naming_the_key(stage, overrides, message):
     assert text.startswith(message), text
 
 
-@pytest.mark.parametrize("stage", ["evaluate", "generate", "train", "flops", "visualize"])
+@pytest.mark.parametrize("stage", ["evaluate", "generate", "train", "flops", "visualize", "synthetic_fit"])
 def test_defaults_pass(stage):
     check_config(composed(stage))
 
