@@ -60,12 +60,17 @@ def video(seed: int, frames: int = 8, size: int = 112) -> list[Image.Image]:
 
 @functools.lru_cache(maxsize=None)
 def prompt_of(name: str):
-    return tiny_video_model(name).prepare(Sample(id="vid", question="What moves in the video ?", video=video(5)))
+    frames = 8 if name == "tiny_qwen2vl" else 4  # T = 4 frames of tokens in every family (Qwen2-VL: 2 per token)
+    return tiny_video_model(name).prepare(Sample(id="vid", question="What moves in the video ?", video=video(5, frames)))
 
 
 FASTVID_CASES = {
     "official": {},
     "segments": {"dyseg_c": 2, "dyseg_tau": -1.0, "dtm_p": 2},  # multi-frame segments with anchor frames
+    "mixed": {"dyseg_c": 3, "dyseg_tau": -1.0, "dtm_p": 2},  # 3 segments of 4 frames: one- and two-frame ones
+    # p = 1: every frame of a segment is an anchor with C targets, which the reference merges frame by
+    # frame (its single-frame branch selects frames by count == C), not over the segment
+    "stride1": {"dyseg_c": 2, "dyseg_tau": -1.0, "dtm_p": 1},
 }
 PRUNEVID_OPTIONS = {"layer": 1, "tau": 0.8, "merge_above": 3, "temporal_segment_ratio": 0.5, "temporal_k": 2, "spatial_k": 3}
 
@@ -106,8 +111,10 @@ def test_fastvid_equals_a_forward_over_the_merged_embeddings(name, case, never_s
     expected = frames.shape[0] * salient + sum(info["targets_per_frame"]) + extra.numel()
     assert removed.kept_per_layer == [expected] * vlm.decoder.num_layers
     assert expected <= method.visual_tokens_per_layer(prompt.num_visual, 1)[0] + extra.numel()
-    if case == "segments":
+    if case in ("segments", "mixed"):
         assert any(size > 1 for size in info["segments"]) and max(info["targets_per_frame"]) > context
+    if case == "mixed":
+        assert 1 in info["segments"]
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
