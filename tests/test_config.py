@@ -102,6 +102,10 @@ BAD = [
     ("evaluate", ["method=prunevid", "modality=video", "+method.options.K=10"], "method.options.K: unknown key"),
     ("evaluate", ["method=fastvid", "modality=video", "method.options.stprune_d=1.0"], "method (fastvid): fastvid: stprune_d must be in [0, 1)"),
     ("evaluate", ["method=fastvid", "modality=video", "method.options.dtm_p=x"], "method.options.dtm_p: expected int, got 'x'"),
+    ("evaluate", ["model=tiny_qwen2vl", "method=prunevid", "modality=video"],
+     "method (prunevid) on model=tiny_qwen2vl (3 layers): prunevid: layer=10 must be in 0..1 on a 3-layer model"),
+    ("evaluate", ["model=tiny_vila", "method=fastv", "method.options.layer=3"],
+     "method (fastv) on model=tiny_vila (3 layers): fastv layer=3 is outside 1..2 for a 3-layer model"),
     ("train", ["+compressor.epochs=3"], "compressor.epochs: unknown key"),
     # flops
     ("flops", ["method=dart", "method.options.pivot_image=x"], "method.options.pivot_image: expected int, got 'x'"),
@@ -132,7 +136,7 @@ def test_defaults_pass(stage):
 @pytest.mark.parametrize("overrides", [
     ["baseline=fastv"], ["baseline=pdrop", "retention=r0.51"], ["method=dart", "retention=r0.1"],
     ["method=visionzip", "method.retention=0.3"], ["judge=fake"], ["model=qwen2vl"], ["model=vila15", "modality=video"],
-    ["method=fastvid", "modality=video"], ["baseline=prunevid", "modality=video"],
+    ["method=fastvid", "modality=video"], ["baseline=prunevid", "modality=video", "model=llava_ov"],
 ])
 def test_good_values_pass(overrides):
     check_config(composed("evaluate", *overrides))

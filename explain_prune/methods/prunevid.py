@@ -191,8 +191,7 @@ class PruneVid(Method):
     def plan(self, vlm: VLM, prompt: VisualPrompt) -> PrunePlan:
         if META_KEY not in prompt.meta:
             raise InputError("prunevid merges the visual tokens before the LLM: run the engine on prunevid.transform(vlm, prompt)")
-        num_layers = vlm.decoder.num_layers
-        layer = self._check_layer(self.options["layer"], num_layers - 1, "prunevid: layer")
+        layer = self.scoring_layer(vlm.decoder.num_layers)
         groups = prompt.meta[META_KEY]["groups"]
         kept = prompt.meta[META_KEY]["kept"]
         # "alive": the stage-2 selector's record maps back to ordinals of the original visual tokens
@@ -210,6 +209,13 @@ class PruneVid(Method):
         plan.selectors[layer + 1] = tracked(plan, layer + 1, select)
         return plan
 
+    def scoring_layer(self, num_layers: int) -> int:
+        """K, checked: layer K + 1 (the first without the dropped tokens) must exist."""
+        layer = int(self.options["layer"])
+        if not 0 <= layer <= num_layers - 2:
+            raise InputError(f"prunevid: layer={layer} must be in 0..{num_layers - 2} on a {num_layers}-layer model (layer K + 1 runs pruned)")
+        return layer
+
     def keep_count_of(self, n: int) -> int:
         """int(n alpha): the reference keeps none of a group too small for one (unlike keep_count's floor of 1)."""
         return int(n * self.retention)
@@ -217,6 +223,6 @@ class PruneVid(Method):
     def visual_tokens_per_layer(self, n_visual: int, num_layers: int) -> list[int]:
         """Stage 1 is data-dependent (the engine records the real counts); the analytic schedule takes
         M1 = int(N `expected_stage1_ratio`) in layers 0..K and int(M1 alpha) after."""
-        layer = self._check_layer(self.options["layer"], int(num_layers) - 1, "prunevid: layer")
+        layer = self.scoring_layer(int(num_layers))
         merged = int(n_visual * float(self.options["expected_stage1_ratio"]))
         return [merged] * (layer + 1) + [self.keep_count_of(merged)] * (int(num_layers) - layer - 1)
