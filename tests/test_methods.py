@@ -374,7 +374,7 @@ def test_unknown_method_and_option(tmp_path):
         build_method("fastv", 0.5, layer="abc")
     with pytest.raises(InputError, match="fastv layer"):
         build_method("fastv", 0.5, layer=3).plan(tiny("tiny_vila"), prompts("tiny_vila")[0])
-    assert sorted(METHODS) == sorted(["vanilla", "random", "gae", "ours", "fastv", "pdrop", "dart", "visionzip"])
+    assert sorted(METHODS) == sorted(["vanilla", "random", "gae", "ours", "fastv", "pdrop", "dart", "visionzip", "fastvid", "prunevid"])
 
 
 def test_ours_needs_a_compatible_checkpoint(tmp_path):
