@@ -2,7 +2,8 @@
 
 The device is `EXPLAIN_PRUNE_TEST_DEVICE`, else cuda when available, else cpu — so these tests run
 everywhere, and on a GPU machine they check the CUDA paths: the engine equals HF `generate` token for
-token, removal equals masking, relevance equals the naive reference (float32), and an evaluate job on
+token, removal equals masking (also FastVID and PruneVid with its cache eviction on a video), relevance
+equals the naive reference (float32), and an evaluate job on
 the synthetic benchmark gives the same accuracy as on the CPU.
 """
 
@@ -62,6 +63,18 @@ def test_removal_equals_masking(vlm):
     for a, b in zip(removed, masked):
         assert a.tokens == b.tokens and a.kept_per_layer == b.kept_per_layer
         assert torch.allclose(a.step_logits, b.step_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_video_methods_removal_equals_masking(vlm):
+    """FastVID's merge before the LLM and PruneVid's stage-2 drop with the earlier caches evicted, on the device."""
+    from explain_prune.methods import build_method
+
+    prompt = vlm.prepare(Sample(id="v", question="What happens ?", video=[random_image(20 + i, 112, 112) for i in range(8)]))
+    for method in (build_method("fastvid", 0.5), build_method("prunevid", 0.4, layer=1, merge_above=2)):
+        removed = generate(vlm, prompt, method, max_new_tokens=4, mode="remove", return_logits=True)
+        masked = generate(vlm, prompt, method, max_new_tokens=4, mode="mask", return_logits=True)
+        assert removed.tokens == masked.tokens and removed.kept_per_layer == masked.kept_per_layer
+        assert torch.allclose(removed.step_logits, masked.step_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_relevance_equals_the_naive_reference(vlm):
