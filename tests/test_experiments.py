@@ -235,6 +235,7 @@ def test_paper_flops_of_the_video_baselines_match_their_arms(experiments):
             assert got[row["method"]]["flops_T"] == pytest.approx(row["flops_T"], rel=0.02), row
     assert got["fastvid"]["visual_tokens_per_layer"] == [1568] * 28
     assert got["prunevid"]["visual_tokens_per_layer"] == [2508] * 11 + [1003] * 17
+    assert got["prunevid"]["kv_ratio"] == pytest.approx(1003 / 6272)  # layers 0..10's caches are evicted too
     bound = method_report(dims, build_from_config(OmegaConf.load(CONF / "method" / "prunevid.yaml")), 6272)
     assert bound["visual_tokens_per_layer"][0] == 3136 and bound["flops_T"] == pytest.approx(15.2, abs=0.05)
 

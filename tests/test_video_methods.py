@@ -130,10 +130,10 @@ def test_prunevid_removal_with_eviction_equals_masking(name, never_stop):
     m1 = merged.num_visual
     assert removed.kept_per_layer[:2] == [m1, m1] and removed.kept_per_layer[2] < m1
     # every layer's cache holds only the survivors (layers 0..K too): the KV bytes say so
-    layers, per_token = vlm.decoder.num_layers, None
-    text = merged.length - m1
-    per_token = removed.kv_cache_bytes / (layers * (text + removed.kept_per_layer[2]))
-    assert per_token == int(per_token)
+    layers, text = vlm.decoder.num_layers, merged.length - m1
+    config = vlm.decoder.config
+    per_token = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 8  # K + V, float64
+    assert removed.kv_cache_bytes == layers * (text + removed.kept_per_layer[2]) * per_token
     # without eviction, decoding would see the dropped tokens in layers 0..K: the logits differ
     plan = method.plan(vlm, merged)
     plan.evict_earlier_caches = False

@@ -141,7 +141,7 @@ def method_report(dims: Mapping[str, Any], method: Any, n_visual: int, bytes_per
     vanilla = llm_flops(dims, n)
     overhead = {key: float(value) for key, value in method.overhead_flops(dims, n).items()}
     total = llm + sum(overhead.values())
-    kv = kv_cache_bytes(dims, counts, bytes_per_value)
+    kv = kv_cache_bytes(dims, method.kv_tokens_per_layer(n, num_layers), bytes_per_value)
     kv_vanilla = kv_cache_bytes(dims, n, bytes_per_value)
     report: dict[str, Any] = {
         **method.describe(),

@@ -149,6 +149,11 @@ class Method(abc.ABC):
     def visual_tokens_per_layer(self, n_visual: int, num_layers: int) -> list[int]:
         """Visual tokens each decoder layer processes for an input with n_visual visual tokens."""
 
+    def kv_tokens_per_layer(self, n_visual: int, num_layers: int) -> list[int]:
+        """Visual tokens each layer's KV cache holds after prefill: the tokens it processed, unless the
+        method evicts them from earlier layers' caches too (PruneVid)."""
+        return self.visual_tokens_per_layer(n_visual, num_layers)
+
     # --- shared ------------------------------------------------------------------------------
     @property
     def count_rule(self) -> str:

@@ -216,6 +216,10 @@ class PruneVid(Method):
             raise InputError(f"prunevid: layer={layer} must be in 0..{num_layers - 2} on a {num_layers}-layer model (layer K + 1 runs pruned)")
         return layer
 
+    def kv_tokens_per_layer(self, n_visual: int, num_layers: int) -> list[int]:
+        """Stage 2 evicts the dropped tokens from layers 0..K too: every cache holds int(M1 alpha)."""
+        return [self.visual_tokens_per_layer(n_visual, num_layers)[-1]] * int(num_layers)
+
     def keep_count_of(self, n: int) -> int:
         """int(n alpha): the reference keeps none of a group too small for one (unlike keep_count's floor of 1)."""
         return int(n * self.retention)
