@@ -262,14 +262,15 @@ def check_config(cfg: DictConfig | Mapping[str, Any]) -> None:
         if modality.get("name") not in supported:
             raise InputError(f"method={method.get('name')} defines a rule for {' and '.join(supported)} inputs only, "
                              f"not modality={modality.get('name')}")
-    layers = OmegaConf.select(OmegaConf.create(_plain(cfg.get("model") or {})), "llm.num_layers") if cfg.get("model") else None
+    model = _plain(cfg.get("model")) or {}
+    layers = (model.get("llm") or {}).get("num_layers")
     if method is not None and isinstance(layers, int) and layers > 0:
         from explain_prune.methods import build_from_config
 
         try:  # a pruning layer the model lacks, or a schedule its depth cannot reach
             build_from_config(method).visual_tokens_per_layer(100, layers)
         except InputError as err:
-            raise InputError(f"method ({method.get('name')}) on model={cfg['model'].get('name')} ({layers} layers): {err}") from None
+            raise InputError(f"method ({method.get('name')}) on model={model.get('name')} ({layers} layers): {err}") from None
     bench, judge = cfg.get("benchmark"), cfg.get("judge")
     if bench is not None and bench.get("llm_matcher") and (judge is None or judge.get("name", "none") in (None, "none")):
         raise InputError("benchmark.llm_matcher=true asks the judge to read the answers: set judge=openai_compatible (or judge=fake)")

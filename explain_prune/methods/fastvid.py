@@ -12,11 +12,14 @@ L900-1075 (the LLaVA-OneVision port the paper's Table 10 row runs), on T frames 
 * Context anchors: the other P - S tokens of a frame are ranked by DPC-kNN peak score (k = 4,
   methods/density_peaks.py).  A one-frame segment takes the frame's top C as merge targets.  In a
   segment of L > 1 frames, every `dtm_p`-th frame counted back from the segment's last is an anchor
-  frame with (C L) // ceil(L / p) targets; the other frames keep only their salient tokens.
+  frame with (C L) // ceil(L / p) targets (at most its P - S tokens; the reference would fail there);
+  the other frames keep only their salient tokens.
 * DTM: each target gathers the non-salient tokens that are most cosine-similar to it among its own
   frame's (one-frame segment) or the whole segment's (anchor frame; every anchor frame gathers from
   all of them), and becomes w target + (1 - w) mean(gathered) with w = max(1 / (n + 1), `dtm_beta`),
-  n the number gathered (the target itself among them).
+  n the number gathered (the target itself among them).  A frame whose target count equals C merges
+  over its own tokens even inside a longer segment, as the reference's one-frame branch selects frames
+  by that count (only with p = 1 does an anchor frame get exactly C).
 * Kept tokens keep their original positions (the reference sets position_ids to the kept indices).
 
 The official code computes g_t and the attention with SigLIP's attention-pooling head, loaded from
@@ -114,7 +117,7 @@ class FastVID(Method):
         x = embeds[frames.to(device)]  # [T, P, D]
         attention = vision_token_scores(vlm, prompt, int(o["vision_layer"]))[0].to(device)[frames.to(device)]  # [T, P]
         salient_n, context_n = self.budget_split(frame_tokens)
-        g = F.normalize(x.mean(1).float(), dim=-1)  # [T, D] frame features
+        g = F.normalize(x.mean(1).to(torch.promote_types(x.dtype, torch.float32)), dim=-1)  # [T, D] frame features
         sizes = segment_sizes((g[:-1] * g[1:]).sum(-1).cpu(), int(o["dyseg_c"]), float(o["dyseg_tau"]))
         targets_per_frame = anchor_counts(sizes, context_n, int(o["dtm_p"]))
 

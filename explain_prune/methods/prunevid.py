@@ -143,7 +143,7 @@ class PruneVid(Method):
         o = self.options
         if x.shape[0] <= int(o["merge_above"]):
             return x, slots
-        count = int(x.shape[0] * float(o["cluster_ratio"]))
+        count = max(1, int(x.shape[0] * float(o["cluster_ratio"])))  # the reference's n > 14 always gives >= 7
         means, centres = cluster_means(x, count, int(o["spatial_k"]), float(o["density_noise"]), generator)
         return means, slots[centres.cpu()]
 
@@ -160,7 +160,7 @@ class PruneVid(Method):
         start, group = 0, 0
         for size in sizes:
             window = x[start : start + size]  # [W, P, D]
-            unit = F.normalize(window.float(), dim=-1)
+            unit = F.normalize(window.to(torch.promote_types(window.dtype, torch.float32)), dim=-1)
             pair_cos = torch.einsum("wld,tld->l", unit, unit)  # sum over all (w, t) pairs, self included
             static = (pair_cos - size) / (size * (size - 1)) > float(self.options["tau"])  # one frame: NaN -> False
             parts = [(window[:, static].mean(0), frames[start, static.cpu()])]
