@@ -181,6 +181,7 @@ def check_relevance(node: Any) -> None:
 class CompressorTraining:
     """conf/compressor/*.yaml: f_θ's architecture (`net`, checked by the compressor registry) and objective."""
 
+    name: str = "ftheta"  # the COMPRESSORS class (compress/network.py); net holds its config_class's settings
     net: dict = field(default_factory=dict)
     lr: float = field(default=1e-3, metadata={"minimum": 0.0})
     mask_ratio: float = field(default=0.5, metadata={"minimum": 0.0})
@@ -192,7 +193,16 @@ def check_compressor(node: Any) -> None:
 
     compressor = _mapping("compressor", node)
     check_dataclass(CompressorTraining, "compressor", compressor)
-    COMPRESSORS.check("ftheta", _mapping("compressor.net", compressor.get("net") or {}), "compressor.net")
+    name = compressor.get("name", "ftheta")
+    COMPRESSORS.get(name)  # an unknown name: one line listing the registered ones
+    net = _mapping("compressor.net", compressor.get("net") or {})
+    COMPRESSORS.check(name, net, "compressor.net")
+    if "in_channels" in net:
+        raise InputError("compressor.net.in_channels: set by train from the cache's features, not by the config")
+    try:
+        COMPRESSORS.get(name).config_class.from_dict(net)
+    except InputError as err:
+        raise InputError(f"compressor.net: {err}") from None
     if not 0.0 <= float(compressor.get("mask_ratio", 0.5)) < 1.0:
         raise InputError(f"compressor.mask_ratio: must be in [0, 1), got {compressor['mask_ratio']!r}")
 

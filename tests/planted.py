@@ -44,10 +44,13 @@ def write_planted_cache(
     shard_size: int = 256,
     correct_every: int = 0,
     id_prefix: str = "s",
+    features: bool = False,
 ) -> dict[str, Any]:
     """Write `num_samples` planted samples with lengths uniform in [min_len, max_len].
 
     correct_every=k marks every k-th sample as answered incorrectly (0: all correct).
+    features=True also caches the per-token features of format 2: a0_heads [N, 2] whose mean is
+    A_v^0 (one head carries R_v's rule, the other noise) and kv_norm [N, 2].
     Returns the meta written.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -61,7 +64,12 @@ def write_planted_cache(
             if sid in done:
                 continue
             correct = not (correct_every and i % correct_every == correct_every - 1)
-            writer.add(sid, a0, planted_rv(a0), grid=(1, 1, length), correct=correct, answer="A")
+            extra = None
+            if features:
+                noise = planted_a0(length, gen)
+                heads = torch.stack([2 * a0 - noise.clamp(max=a0), noise.clamp(max=a0)], dim=-1)  # [N, 2], mean = a0
+                extra = {"a0_heads": heads, "kv_norm": torch.rand(length, 2, generator=gen) + 0.5}
+            writer.add(sid, a0, planted_rv(a0), grid=(1, 1, length), correct=correct, answer="A", features=extra)
     return meta
 
 

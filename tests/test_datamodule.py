@@ -44,7 +44,8 @@ def test_datamodule_split_filter_and_batches(cache):
     assert val_ids <= {s.id for s in dm2.val_set.samples}  # same split rule for the shared ids
 
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"a0", "rv", "label", "mask", "lengths", "ids"}
+    assert set(batch) == {"x", "a0", "rv", "label", "mask", "lengths", "ids"}
+    assert torch.equal(batch["x"][:, 0], batch["a0"])  # the paper's one input channel is A_v^0
     assert batch["mask"].sum(-1).tolist() == batch["lengths"].tolist()
     assert (batch["a0"][~batch["mask"]] == 0).all() and (batch["label"][~batch["mask"]] == 0).all()
     assert torch.allclose(batch["label"].sum(-1), torch.ones(len(batch["ids"])))
@@ -79,10 +80,14 @@ def test_bucket_sampler_is_seeded_covers_everything_and_pads_little():
 
 
 def test_collate_pads_and_masks():
-    items = [(torch.ones(3), torch.arange(3.0), "a"), (torch.ones(5), torch.arange(5.0), "b")]
+    items = [
+        (torch.full((2, 3), 7.0), torch.ones(3), torch.arange(3.0), "a"),
+        (torch.full((2, 5), 8.0), torch.ones(5), torch.arange(5.0), "b"),
+    ]
     batch = PadCollate(0.5)(items)
-    assert batch["a0"].shape == (2, 5)
+    assert batch["a0"].shape == (2, 5) and batch["x"].shape == (2, 2, 5)
     assert batch["mask"].tolist() == [[True, True, True, False, False], [True] * 5]
+    assert batch["x"][0, :, 3:].abs().sum() == 0 and (batch["x"][1] == 8.0).all()
     assert batch["ids"] == ["a", "b"]
 
 

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from helpers import ROOT, TINY_MODELS, model_cfg, random_image
 from safetensors.torch import save_file
 
-from explain_prune.compress.network import FTheta, FThetaConfig, save_compressor
+from explain_prune.compress.network import FTheta, FThetaConfig, save_compressor, stack_inputs
 from explain_prune.core import InputError
 from explain_prune.engine import generate
-from explain_prune.explain import first_layer_attention, relevance
+from explain_prune.explain import first_layer_attention, first_layer_features, relevance
 from explain_prune.methods import METHODS, build_method, keep_count
 from explain_prune.methods.pdrop import layer_averaged, search_layers
 from explain_prune.models import Sample, build_vlm
@@ -176,6 +176,29 @@ def test_ours_reads_the_a0_its_ftheta_was_trained_on(tmp_path):
     assert torch.equal(a0, first_layer_attention(vlm, prompt, "last").float())
     assert not torch.allclose(a0, first_layer_attention(vlm, prompt).float())
     assert torch.equal(rv, method.compressor(a0[None])[0])
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_ours_variant_ranks_by_its_own_features(name, tmp_path):
+    """A compressor reading A_v^0 + key/value norms (conf/compressor/kvnorm.yaml) is fed exactly
+    first_layer_features at inference; one trained for another head count is refused."""
+    vlm = tiny(name)
+    torch.manual_seed(4)
+    net = FTheta(FThetaConfig(channels=[4, 8], inputs=["a0", "kv_norm"], in_channels=3))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.8)
+    method = build_method("ours", 0.25, checkpoint=str(save_compressor(tmp_path / "kv.safetensors", net)))
+    for prompt in prompts(name):
+        _, kept = _kept_ordinals(vlm, prompt, method)
+        features = first_layer_features(vlm, prompt)
+        a0 = features.pop("a0").float()
+        scores = method.compressor(stack_inputs(a0, features, ["a0", "kv_norm"]).float()[None])[0]
+        assert torch.equal(kept[0], _topk_ordinals(scores, keep_count(0.25, prompt.num_visual)))
+    heads = first_layer_features(vlm, prompts(name)[0])["a0_heads"].shape[1]
+    wrong = FTheta(FThetaConfig(channels=[4], inputs=["a0_heads"], in_channels=heads + 1))
+    other = build_method("ours", 0.25, checkpoint=str(save_compressor(tmp_path / "heads.safetensors", wrong)))
+    with pytest.raises(InputError, match=f"reads {heads + 1} input channels.*this model gives {heads}"):
+        other.predict(vlm, prompts(name)[0])
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)

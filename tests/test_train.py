@@ -303,3 +303,20 @@ def test_outputs_get_the_umask_mode(four_epochs):
 
     made = [four_epochs[key] for key in ("best_checkpoint", "last_checkpoint", "compressor", "metrics_csv", "results_json")]
     assert {Path(p).name: oct(Path(p).stat().st_mode & 0o777) for p in made} == {Path(p).name: oct(default_file_mode()) for p in made}
+
+
+def test_compressor_variants_train_on_the_caches_features(tmp_path):
+    """compressor=heads reads the cached per-head A_v^0 (width set from the cache), compressor=kvnorm
+    A_v^0 + the key/value norms; a cache without those features is refused with one line."""
+    root = tmp_path / "cache"
+    write_planted_cache(root / "tiny_qwen2vl" / "synthetic" / "image", 96, 40, 80, features=True)
+    for variant, inputs, width in (("heads", ["a0_heads"], 2), ("kvnorm", ["a0", "kv_norm"], 3)):
+        r = train(root, tmp_path / variant, "trainer.max_epochs=1", f"compressor={variant}")
+        net = load_compressor(r["compressor"])
+        assert net.config.inputs == inputs and net.config.in_channels == width
+        assert net.blocks[0].depthwise.in_channels == width
+        assert r["metrics"]["val/kl"] < r["baselines"]["val/baseline/uniform_kl"]
+    bare = tmp_path / "bare"
+    write_planted_cache(bare / "tiny_qwen2vl" / "synthetic" / "image", 32, 40, 80)
+    with pytest.raises(InputError, match="holds no per-token feature 'a0_heads'.*regenerate"):
+        train(bare, tmp_path / "bare_run", "trainer.max_epochs=1", "compressor=heads")

@@ -9,7 +9,9 @@
   and the batches shuffled.  This keeps padding to a few percent while keeping batches random.
 - Under DDP the sampler shards samples itself (rank::world_size of the seeded order, equal counts
   for training), so the trainer runs with `use_distributed_sampler=False`.
-- Collate pads to the longest sample and returns a dict with the mask and R_v* computed from R_v.
+- Collate pads to the longest sample and returns a dict with the compressor's input x [B, C, N]
+  (its `inputs` features stacked as channels; C = 1 for the paper's A_v^0), A_v^0, R_v, the mask
+  and R_v* computed from R_v.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from explain_prune.compress.labels import make_label
+from explain_prune.compress.network import stack_inputs
 from explain_prune.core import InputError
 from explain_prune.data.cache import CachedSample, CacheReader, check_meta
 
@@ -39,42 +42,47 @@ def split_of(key: str, val_fraction: float, seed: int = 0) -> str:
 
 
 class RelevanceDataset(Dataset):
-    """Map-style dataset of cached samples: item i -> (a0 [N], rv [N], key)."""
+    """Map-style dataset of cached samples: item i -> (x [C, N], a0 [N], rv [N], key), x being the
+    `inputs` features stacked as channels."""
 
-    def __init__(self, samples: Sequence[CachedSample]):
+    def __init__(self, samples: Sequence[CachedSample], inputs: Sequence[str] = ("a0",)):
         self.samples = list(samples)
+        self.inputs = tuple(inputs)
         self.lengths = [s.length for s in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
         s = self.samples[i]
-        return s.a0, s.rv, f"{s.data}/{s.id}"
+        return stack_inputs(s.a0, s.features, self.inputs), s.a0, s.rv, f"{s.data}/{s.id}"
 
 
 class PadCollate:
-    """Pad a list of (a0, rv, key) to [B, N_max]; R_v* from R_v with `mask_ratio`."""
+    """Pad a list of (x, a0, rv, key) to [B, C, N_max] / [B, N_max]; R_v* from R_v with `mask_ratio`."""
 
     def __init__(self, mask_ratio: float = 0.5):
         self.mask_ratio = float(mask_ratio)
 
-    def __call__(self, items: Sequence[tuple[torch.Tensor, torch.Tensor, str]]) -> dict[str, Any]:
-        lengths = torch.tensor([a.numel() for a, _, _ in items], dtype=torch.long)
+    def __call__(self, items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]]) -> dict[str, Any]:
+        lengths = torch.tensor([a.numel() for _, a, _, _ in items], dtype=torch.long)
         n = int(lengths.max())
+        x = torch.zeros(len(items), items[0][0].shape[0], n, dtype=torch.float32)
         a0 = torch.zeros(len(items), n, dtype=torch.float32)
         rv = torch.zeros(len(items), n, dtype=torch.float32)
-        for i, (a, r, _) in enumerate(items):
+        for i, (feats, a, r, _) in enumerate(items):
+            x[i, :, : a.numel()] = feats
             a0[i, : a.numel()] = a
             rv[i, : r.numel()] = r
         mask = torch.arange(n)[None, :] < lengths[:, None]
         return {
+            "x": x,
             "a0": a0,
             "rv": rv,
             "label": make_label(rv, mask, self.mask_ratio),
             "mask": mask,
             "lengths": lengths,
-            "ids": [k for _, _, k in items],
+            "ids": [k for *_, k in items],
         }
 
 
@@ -173,6 +181,8 @@ class RelevanceDataModule(L.LightningDataModule):
     expect_meta: identity every cache must have (model / modality; data=None allows several sources).
     eval_dirs: if given, validation uses *all* samples of these caches (e.g. longer sequences)
       instead of the held-out split.
+    inputs: the compressor's input features (`FThetaConfig.inputs`); those beyond A_v^0 are read
+      from the caches' per-token features.
     """
 
     def __init__(
@@ -190,8 +200,10 @@ class RelevanceDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         eval_dirs: Sequence[str | Path | Sequence[str | Path]] | str | Path | None = None,
         eval_expect_meta: Mapping[str, Any] | None = None,
+        inputs: Sequence[str] = ("a0",),
     ):
         super().__init__()
+        self.inputs = tuple(inputs)
         if not 0.0 < float(val_fraction) < 1.0:
             raise InputError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.cache_dirs = self._as_list(cache_dirs)
@@ -211,6 +223,11 @@ class RelevanceDataModule(L.LightningDataModule):
         self.val_set: RelevanceDataset | None = None
         self.cache_meta: dict[str, Any] = {}
 
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The per-token cache features the inputs need (A_v^0 is always read)."""
+        return tuple(name for name in self.inputs if name != "a0")
+
     @staticmethod
     def _as_list(dirs: Any) -> list[Any]:
         if isinstance(dirs, (str, Path, CacheReader)):
@@ -223,9 +240,12 @@ class RelevanceDataModule(L.LightningDataModule):
             if isinstance(entry, CacheReader):  # already opened and verified by the caller
                 for meta, directory in zip(entry.metas, entry.dirs):
                     check_meta(meta, expect, directory)
+                absent = [name for name in self.features if name not in entry.features]
+                if absent:
+                    raise InputError(f"cache {entry} was opened without the per-token feature {absent[0]!r} the compressor reads")
                 reader = entry
             else:
-                reader = CacheReader(entry, expect)
+                reader = CacheReader(entry, expect, features=self.features)
             if not self.cache_meta:
                 self.cache_meta = {k: reader.meta.get(k) for k in ("model", "model_id", "data", "modality")}
             # App. B: drop the samples the MLLM answered wrongly (unknown correctness is kept)
@@ -252,8 +272,8 @@ class RelevanceDataModule(L.LightningDataModule):
             val = self._read(self.eval_dirs, self.eval_expect_meta)
         if not val:
             raise InputError("no validation samples after the train/val split (raise val_fraction or add data)")
-        self.train_set = RelevanceDataset(train) if train else None
-        self.val_set = RelevanceDataset(val)
+        self.train_set = RelevanceDataset(train, self.inputs) if train else None
+        self.val_set = RelevanceDataset(val, self.inputs)
         log.info(
             "relevance data: %d train / %d val samples (lengths %d-%d)",
             len(train),

@@ -23,7 +23,7 @@ import torch
 from torchmetrics import Metric
 
 from explain_prune.compress.labels import topk_mask
-from explain_prune.compress.network import FTheta, FThetaConfig, save_compressor
+from explain_prune.compress.network import COMPRESSORS, build_compressor, save_compressor
 
 log = logging.getLogger(__name__)
 A0_FLOOR = 1e-12
@@ -84,8 +84,9 @@ def _pct(ratio: float) -> str:
 
 
 class CompressorModule(L.LightningModule):
-    """f_θ + Adam + the metrics above.  `ftheta` is an `FThetaConfig` dict (stored in the checkpoint's
-    hyper-parameters, so `load_from_checkpoint` and `export_best` rebuild the network)."""
+    """A compressor (f_θ by default) + Adam + the metrics above.  `ftheta` is its config dict and
+    `compressor` its registry name, both stored in the checkpoint's hyper-parameters, so
+    `load_from_checkpoint` and `ExportCompressor` rebuild the network."""
 
     def __init__(
         self,
@@ -93,18 +94,20 @@ class CompressorModule(L.LightningModule):
         lr: float = 1e-3,
         overlap_ratios: Sequence[float] = (0.1, 0.25, 0.5),
         cache_meta: Mapping[str, Any] | None = None,
+        compressor: str = "ftheta",
     ):
         super().__init__()
-        config = FThetaConfig.from_dict(dict(ftheta or {}))
+        config = COMPRESSORS.get(compressor).config_class.from_dict(dict(ftheta or {}))
         self.save_hyperparameters(
             {
+                "compressor": str(compressor),
                 "ftheta": config.to_dict(),
                 "lr": float(lr),
                 "overlap_ratios": [float(r) for r in overlap_ratios],
                 "cache_meta": dict(cache_meta or {}),
             }
         )
-        self.net = FTheta(config)
+        self.net = build_compressor(compressor, config.to_dict())
         self.ratios = [float(r) for r in overlap_ratios]
         self.train_kl = MeanPerSample()
         self.val_kl = MeanPerSample()
@@ -115,11 +118,11 @@ class CompressorModule(L.LightningModule):
         self.baselines: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
 
-    def forward(self, a0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.net(a0, mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(x, mask)
 
     def _kl(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        log_pred = self.net.log_prob(batch["a0"], batch["mask"])
+        log_pred = self.net.log_prob(batch["x"], batch["mask"])
         return masked_kl(batch["label"], log_pred, batch["mask"]), log_pred
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
@@ -192,7 +195,7 @@ class ExportCompressor(L.Callback):
         if not trainer.is_global_zero:
             return
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-        net = FTheta(FThetaConfig.from_dict(pl_module.hparams["ftheta"]))
+        net = build_compressor(pl_module.hparams.get("compressor", "ftheta"), pl_module.hparams["ftheta"])
         if best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})

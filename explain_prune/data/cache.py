@@ -1,8 +1,11 @@
 """The relevance cache (docs/design.md §Relevance cache): per (model, data, modality) a directory of
 
     meta.json                              model name/id, data name/source, modality, config hash, versions
-    part000of001-00000.safetensors         a shard: flat float32 `a0`, `rv` (samples concatenated) and
-                                           int64 `offsets` [n+1]; the sample ids in the safetensors metadata
+    part000of001-00000.safetensors         a shard: flat float32 `a0`, `rv` (samples concatenated),
+                                           int64 `offsets` [n+1], and per-token features `feature.<name>`
+                                           [total tokens, C] (format 2: a0_heads, kv_norm, see
+                                           explain.attention.FIRST_LAYER_FEATURES); the sample ids in the
+                                           safetensors metadata
     index-part000of001.jsonl               one line per sample: id, shard, offset, length, grid (t,h,w),
                                            correct, answer, + the shard's byte size and sha256
 
@@ -22,7 +25,11 @@ Reading (`CacheReader`): one or more directories (or parts) are merged after che
 meta.json against what the caller expects (model / data / modality); every referenced shard is
 verified (size + sha256, safetensors header, tensor shapes, offsets) and every vector checked for
 NaN/inf.  All problems are `InputError`s naming the directory, file or sample.  Vectors are kept in
-memory (8 bytes per visual token: ~130 MB for 10K samples of 1600 tokens).
+memory (8 bytes per visual token: ~130 MB for 10K samples of 1600 tokens); the per-token features
+are read only when asked for (`features=`), as a compressor variant needs them.
+
+Format history: 1 = a0 / rv only; 2 adds the `feature.<name>` tensors.  A cache of another format
+is refused with one line (regenerate it), never read with a guessed layout.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import os
 import platform
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -53,7 +60,8 @@ from explain_prune.core.lock import DirLock
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+FEATURE_PREFIX = "feature."  # shard tensor `feature.<name>`: [total tokens, channels] float32
 META_FILE = "meta.json"
 IDENTITY_FIELDS = ("model", "data", "modality")
 SHARD_RE = re.compile(r"^(part\d{3,}of\d{3,})-(\d{5,})\.safetensors$")
@@ -138,7 +146,10 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 def check_meta(meta: Mapping[str, Any], expect: Mapping[str, Any] | None, where: str | Path) -> None:
     """Refuse a cache whose identity differs from what is asked (None = any)."""
     if int(meta.get("format", -1)) != CACHE_FORMAT:
-        raise InputError(f"cache {where}: format {meta.get('format')!r}, this code reads format {CACHE_FORMAT}")
+        raise InputError(
+            f"cache {where}: format {meta.get('format')!r}, this code reads format {CACHE_FORMAT} "
+            "(regenerate it with python -m explain_prune.generate, or delete it so train rebuilds it)"
+        )
     for key, wanted in (expect or {}).items():
         if wanted is None:
             continue
@@ -178,10 +189,14 @@ def _index_files(directory: Path) -> list[Path]:
 
 
 def _check_vector(name: str, values: torch.Tensor, sample_id: str, shard: Path) -> None:
-    if not bool(torch.isfinite(values).all()):
-        bad = int((~torch.isfinite(values)).nonzero()[0, 0])
+    """values [N] or [N, C]: one line naming the first token holding a NaN / inf."""
+    bad_tokens = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(-1)
+    if bool(bad_tokens.any()):
+        token = int(bad_tokens.nonzero()[0, 0])
+        row = values[token].reshape(-1)
         raise InputError(
-            f"non-finite value ({float(values[bad])}) in {name} of sample {sample_id!r} at token {bad} (shard {shard})"
+            f"non-finite value ({float(row[~torch.isfinite(row)][0])}) in {name} of sample {sample_id!r} "
+            f"at token {token} (shard {shard})"
         )
 
 
@@ -336,8 +351,10 @@ class CacheWriter:
         grid: Sequence[int] | None = None,
         correct: bool | None = None,
         answer: str | None = None,
+        features: Mapping[str, torch.Tensor] | None = None,
     ) -> bool:
-        """Buffer one sample; returns False (and writes nothing) if its id is already done."""
+        """Buffer one sample; returns False (and writes nothing) if its id is already done.
+        `features`: name -> [N] or [N, C] per-token values (every sample of a cache has the same names)."""
         sample_id = str(sample_id)
         if sample_id in self._done or any(b["id"] == sample_id for b in self._buffer):
             return False
@@ -345,7 +362,19 @@ class CacheWriter:
         rv = torch.as_tensor(rv, dtype=torch.float32).detach().cpu().reshape(-1)
         if a0.numel() == 0 or a0.numel() != rv.numel():
             raise InputError(f"sample {sample_id!r}: a0 has {a0.numel()} values, rv {rv.numel()} (need equal, > 0)")
-        for name, vec in (("a0", a0), ("rv", rv)):
+        per_token = {}
+        for name, value in sorted((features or {}).items()):
+            value = torch.as_tensor(value, dtype=torch.float32).detach().cpu()
+            value = value[:, None] if value.dim() == 1 else value
+            if value.dim() != 2 or value.shape[0] != a0.numel():
+                raise InputError(f"sample {sample_id!r}: feature {name!r} has shape {tuple(value.shape)}, need [{a0.numel()}, C]")
+            per_token[name] = value.contiguous()
+        if self._buffer and sorted(per_token) != sorted(self._buffer[0]["features"]):
+            raise InputError(
+                f"sample {sample_id!r}: features {sorted(per_token)} differ from the other samples' "
+                f"{sorted(self._buffer[0]['features'])}"
+            )
+        for name, vec in (("a0", a0), ("rv", rv), *per_token.items()):
             if not bool(torch.isfinite(vec).all()):
                 raise InputError(f"sample {sample_id!r}: non-finite value in {name}; not cached")
         grid_list = None if grid is None else [int(g) for g in grid]
@@ -359,6 +388,7 @@ class CacheWriter:
                 "grid": grid_list,
                 "correct": None if correct is None else bool(correct),
                 "answer": answer,
+                "features": per_token,
             }
         )
         if len(self._buffer) >= self.shard_size:
@@ -380,6 +410,11 @@ class CacheWriter:
             "rv": torch.cat([b["rv"] for b in self._buffer]).contiguous(),
             "offsets": offsets,
         }
+        for feature in self._buffer[0]["features"]:
+            try:
+                tensors[FEATURE_PREFIX + feature] = torch.cat([b["features"][feature] for b in self._buffer]).contiguous()
+            except RuntimeError:
+                raise InputError(f"feature {feature!r}: its channel count differs between samples") from None
         metadata = {
             "format": str(CACHE_FORMAT),
             "sample_ids": json.dumps([b["id"] for b in self._buffer]),
@@ -441,14 +476,16 @@ class CachedSample:
     grid: tuple[int, int, int] | None
     correct: bool | None
     answer: str | None
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [N, C] float32 (those asked for)
 
     @property
     def length(self) -> int:
         return int(self.a0.numel())
 
 
-def _load_shard(path: Path, entries: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    """Load and verify one shard against its index entries; InputError names the file."""
+def _load_shard(path: Path, entries: Sequence[Mapping[str, Any]], features: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Load and verify one shard (a0 / rv / offsets, and the per-token `features` asked for) against
+    its index entries; InputError names the file."""
     if not path.is_file():
         raise InputError(f"missing shard {path} (referenced by the index)")
     expected_size = entries[0].get("shard_bytes")
@@ -465,12 +502,23 @@ def _load_shard(path: Path, entries: Sequence[Mapping[str, Any]]) -> dict[str, t
             missing = {"a0", "rv", "offsets"} - keys
             if missing:
                 raise InputError(f"corrupt shard {path}: missing tensors {sorted(missing)}")
-            tensors = {k: handle.get_tensor(k) for k in ("a0", "rv", "offsets")}
+            held = sorted(k.removeprefix(FEATURE_PREFIX) for k in keys if k.startswith(FEATURE_PREFIX))
+            absent = [name for name in features if name not in held]
+            if absent:
+                raise InputError(
+                    f"shard {path} holds no per-token feature {absent[0]!r} (it holds: {', '.join(held) or 'none'}); "
+                    "regenerate the cache with this version's python -m explain_prune.generate"
+                )
+            tensors = {k: handle.get_tensor(k) for k in ("a0", "rv", "offsets", *(FEATURE_PREFIX + n for n in features))}
     except (SafetensorError, OSError) as err:
         raise InputError(f"truncated or corrupt shard {path}: {err}") from None
     a0, rv, offsets = tensors["a0"], tensors["rv"], tensors["offsets"]
     if a0.dtype != torch.float32 or rv.dtype != torch.float32 or a0.dim() != 1 or a0.shape != rv.shape:
         raise InputError(f"corrupt shard {path}: a0/rv must be equal-length 1-D float32")
+    for name in features:
+        value = tensors[FEATURE_PREFIX + name]
+        if value.dtype != torch.float32 or value.dim() != 2 or value.shape[0] != a0.numel():
+            raise InputError(f"corrupt shard {path}: feature {name!r} must be float32 [{a0.numel()}, C], got {tuple(value.shape)}")
     if offsets.dim() != 1 or offsets.numel() < 2 or int(offsets[-1]) != a0.numel() or int(offsets[0]) != 0:
         raise InputError(f"corrupt shard {path}: offsets do not cover a0/rv")
     for e in entries:
@@ -503,19 +551,21 @@ def _new_entries_by_shard(
 
 
 def _shard_samples(
-    shard_path: Path, entries: Sequence[Mapping[str, Any]], data: str, check_finite: bool
+    shard_path: Path, entries: Sequence[Mapping[str, Any]], data: str, check_finite: bool, features: Sequence[str] = ()
 ) -> list[CachedSample]:
-    """One verified shard cut into its samples' a0/rv vectors [length] (views of the shard's flat
-    tensors); a NaN/inf vector is an InputError naming the sample, as it would poison training."""
-    tensors = _load_shard(shard_path, entries)
+    """One verified shard cut into its samples' a0/rv vectors [length] and feature rows [length, C]
+    (views of the shard's flat tensors); a NaN/inf value is an InputError naming the sample, as it
+    would poison training."""
+    tensors = _load_shard(shard_path, entries, features)
     samples = []
     for e in entries:
         off, length = int(e["offset"]), int(e["length"])
         a0 = tensors["a0"][off : off + length]
         rv = tensors["rv"][off : off + length]
+        own = {name: tensors[FEATURE_PREFIX + name][off : off + length] for name in features}
         if check_finite:
-            _check_vector("a0", a0, str(e["id"]), shard_path)
-            _check_vector("rv", rv, str(e["id"]), shard_path)
+            for name, values in (("a0", a0), ("rv", rv), *own.items()):
+                _check_vector(name, values, str(e["id"]), shard_path)
         grid = e.get("grid")
         samples.append(
             CachedSample(
@@ -526,6 +576,7 @@ def _shard_samples(
                 grid=None if grid is None else (int(grid[0]), int(grid[1]), int(grid[2])),
                 correct=e.get("correct"),
                 answer=e.get("answer"),
+                features=own,
             )
         )
     return samples
@@ -537,7 +588,7 @@ class CacheReader:
     `dirs`: a directory or a list of them (e.g. the part-directories of a SLURM job); each must
     hold a meta.json matching `expect_meta` (keys model / data / modality / config_hash, None = any)
     and the directories must agree with each other on model and modality.  Duplicate ids keep
-    the first occurrence.
+    the first occurrence.  `features`: the per-token features to load as well (`CachedSample.features`).
     """
 
     def __init__(
@@ -545,10 +596,12 @@ class CacheReader:
         dirs: str | Path | Iterable[str | Path],
         expect_meta: Mapping[str, Any] | None = None,
         check_finite: bool = True,
+        features: Sequence[str] = (),
     ):
         if isinstance(dirs, (str, Path)):
             dirs = [dirs]
         self.dirs = [Path(d) for d in dirs]
+        self.features = tuple(features)
         if not self.dirs:
             raise InputError("no cache directory given")
         self.metas: list[dict[str, Any]] = []
@@ -560,7 +613,9 @@ class CacheReader:
             by_shard, skipped = _new_entries_by_shard(directory, str(meta["data"]), seen)
             duplicates += skipped
             for shard_name in sorted(by_shard):
-                self.samples += _shard_samples(directory / shard_name, by_shard[shard_name], str(meta["data"]), check_finite)
+                self.samples += _shard_samples(
+                    directory / shard_name, by_shard[shard_name], str(meta["data"]), check_finite, self.features
+                )
         if duplicates:
             log.warning("%d duplicate sample ids across cache parts ignored (first kept)", duplicates)
         if not self.samples:
@@ -607,6 +662,7 @@ class CacheReader:
 
 __all__ = [
     "CACHE_FORMAT",
+    "FEATURE_PREFIX",
     "CacheWriter",
     "CacheReader",
     "CachedSample",

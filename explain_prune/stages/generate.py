@@ -1,4 +1,5 @@
-"""Build a relevance cache: for each sample, answer greedily, then cache (A_v^0, R_v).
+"""Build a relevance cache: for each sample, answer greedily, then cache (A_v^0, R_v) and the other
+layer-0 per-token features (`explain.attention.FIRST_LAYER_FEATURES`) that compressor variants read.
 
 Resumable and shardable: a sample belongs to part `shard_id` of `num_shards` by a stable hash of
 its id, ids already in the cache are skipped, and the cache writer makes every shard atomic.
@@ -22,7 +23,7 @@ from explain_prune.core.schema import check_dataclass
 from explain_prune.data.cache import CacheWriter
 from explain_prune.data.prefetch import prefetch, resolve_num_workers
 from explain_prune.engine import generate
-from explain_prune.explain.attention import first_layer_attention
+from explain_prune.explain.attention import first_layer_features
 from explain_prune.explain.relevance import RelevanceSettings, cached_settings, relevance
 from explain_prune.models.base import VLM
 
@@ -124,8 +125,9 @@ def collect(
         rv = relevance(
             vlm, prompt, answer_ids, settings.head_reduce, settings.clamp, settings.batch_tokens, head_block=settings.head_block
         )
-        a0 = first_layer_attention(vlm, prompt, settings.a0_query)
-        writer.add(item.id, a0, rv, grid=prompt.visual_grid, correct=correct, answer=answer.text)
+        features = first_layer_features(vlm, prompt, settings.a0_query)  # A_v^0 and the compressor variants' inputs
+        a0 = features.pop("a0")
+        writer.add(item.id, a0, rv, grid=prompt.visual_grid, correct=correct, answer=answer.text, features=features)
         summary.cached += 1
         summary.correct += int(correct is True)
         summary.incorrect += int(correct is False)
@@ -152,6 +154,7 @@ def build_cache(cfg: Any) -> Summary:
     source = build_source(cfg.data)
     determinants = {
         "relevance": cached_settings(settings),
+        "llm": OmegaConf.to_container(cfg.model.get("llm", {}), resolve=True),  # another depth or width: another cache
         "image": OmegaConf.to_container(cfg.model.get("image", {}), resolve=True),
         "video": OmegaConf.to_container(cfg.model.get("video", {}), resolve=True),
         "modality": OmegaConf.to_container(cfg.modality, resolve=True),

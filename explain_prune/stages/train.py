@@ -20,12 +20,12 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from explain_prune.cli import set_torch_threads
-from explain_prune.compress.network import FThetaConfig
+from explain_prune.compress.network import COMPRESSORS
 from explain_prune.core import RESULTS, InputError, write_json_atomic
 from explain_prune.data.cache import CacheReader
 
@@ -50,13 +50,33 @@ def expect_meta(cfg: DictConfig, with_data: bool = True) -> dict[str, Any]:
     }
 
 
-def open_caches(dirs: Sequence[Any], expect: dict[str, Any], first_expect: dict[str, Any] | None = None) -> list[CacheReader]:
-    """One verified CacheReader per entry (a directory, or a list of part-directories)."""
+def open_caches(
+    dirs: Sequence[Any],
+    expect: dict[str, Any],
+    first_expect: dict[str, Any] | None = None,
+    inputs: Sequence[str] = ("a0",),
+) -> list[CacheReader]:
+    """One verified CacheReader per entry (a directory, or a list of part-directories), holding the
+    per-token features the compressor's `inputs` need beyond A_v^0."""
+    features = [name for name in inputs if name != "a0"]
     readers = []
     for i, entry in enumerate(dirs):
         want = first_expect if (i == 0 and first_expect is not None) else expect
-        readers.append(CacheReader(list(entry) if isinstance(entry, (list, tuple)) else entry, want))
+        readers.append(CacheReader(list(entry) if isinstance(entry, (list, tuple)) else entry, want, features=features))
     return readers
+
+
+def compressor_inputs(net: Mapping[str, Any]) -> list[str]:
+    """The features a compressor config reads (its `inputs`, the paper's ["a0"] when unset)."""
+    return list(net.get("inputs") or ["a0"])
+
+
+def cache_in_channels(caches: Sequence[CacheReader], inputs: Sequence[str]) -> int:
+    """The total width of `inputs` in the caches: 1 for A_v^0, a0_heads one per attention head."""
+    widths = {sum(1 if name == "a0" else int(s.features[name].shape[1]) for name in inputs) for reader in caches for s in reader}
+    if len(widths) != 1:
+        raise InputError(f"the caches' features {list(inputs)} have different widths {sorted(widths)}: one model per f_θ")
+    return widths.pop()
 
 
 def cache_a0_query(caches: Sequence[CacheReader]) -> str:
@@ -72,14 +92,17 @@ def cache_a0_query(caches: Sequence[CacheReader]) -> str:
     return next(iter(queries), "instruction")
 
 
-def _ftheta_config(cfg: DictConfig, a0_query: str) -> dict[str, Any]:
-    """compressor.net plus the caches' a0_query, which an explicit compressor.net.a0_query must match."""
+def _ftheta_config(cfg: DictConfig, caches: Sequence[CacheReader]) -> dict[str, Any]:
+    """compressor.net plus the caches' a0_query (which an explicit compressor.net.a0_query must
+    match) and the width of its inputs there."""
     net = _plain(cfg.compressor.net)
+    a0_query = cache_a0_query(caches)
     if net.get("a0_query", a0_query) != a0_query:
         raise InputError(
             f"compressor.net.a0_query={net['a0_query']!r} but the caches hold A_v^0 of a0_query={a0_query!r}"
         )
-    return {**net, "a0_query": a0_query}
+    inputs = compressor_inputs(net)
+    return {**net, "a0_query": a0_query, "inputs": inputs, "in_channels": cache_in_channels(caches, inputs)}
 
 
 def _number(cfg: DictConfig, key: str, positive: bool = True) -> float:
@@ -94,7 +117,7 @@ def _number(cfg: DictConfig, key: str, positive: bool = True) -> float:
 
 
 def build_datamodule(
-    cfg: DictConfig, caches: Sequence[Any], eval_caches: Sequence[Any] | None = None
+    cfg: DictConfig, caches: Sequence[Any], eval_caches: Sequence[Any] | None = None, inputs: Sequence[str] = ("a0",)
 ) -> "RelevanceDataModule":
     from explain_prune.compress.datamodule import RelevanceDataModule
 
@@ -105,6 +128,7 @@ def build_datamodule(
         eval_expect_meta={"model": cfg.model.name},
         mask_ratio=_number(cfg, "compressor.mask_ratio", positive=False),
         seed=int(cfg.seed),
+        inputs=inputs,
         **_plain(cfg.datamodule),
     )
 
@@ -193,7 +217,13 @@ class Checkpoint:
             raise InputError(
                 f"checkpoint {self.path} reads A_v^0 of a0_query={trained_query!r}, but the caches hold a0_query={held_query!r}"
             )
-        if ftheta is not None and FThetaConfig.from_dict(trained) != FThetaConfig.from_dict(ftheta):
+        trained_name = self.hparams.get("compressor", "ftheta")
+        if str(cfg.compressor.get("name", "ftheta")) != trained_name and ftheta is not None:
+            raise InputError(
+                f"checkpoint {self.path} holds compressor {trained_name!r}, but compressor.name={cfg.compressor.get('name')!r}"
+            )
+        config_class = COMPRESSORS.get(trained_name).config_class
+        if ftheta is not None and config_class.from_dict(trained) != config_class.from_dict(ftheta):
             differ = sorted(k for k in {*trained, *ftheta} if trained.get(k) != ftheta.get(k))
             raise InputError(
                 f"checkpoint {self.path} holds an f_θ with other compressor.net settings ({', '.join(differ)}): "
@@ -255,8 +285,9 @@ def fit(
     ckpt_path = None if checkpoint is None else checkpoint.path
     lr = _number(cfg, "compressor.lr")
     # the primary cache must be the selected (model, data, modality); extra caches model + modality
-    caches = open_caches(cache_dirs, expect_meta(cfg, with_data=False), first_expect=expect_meta(cfg))
-    ftheta = _ftheta_config(cfg, cache_a0_query(caches))
+    inputs = compressor_inputs(_plain(cfg.compressor.net))
+    caches = open_caches(cache_dirs, expect_meta(cfg, with_data=False), first_expect=expect_meta(cfg), inputs=inputs)
+    ftheta = _ftheta_config(cfg, caches)
     if checkpoint is not None:
         checkpoint.check_against(cfg, caches, ftheta)
 
@@ -267,13 +298,14 @@ def fit(
 
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = build_datamodule(cfg, caches)
+    datamodule = build_datamodule(cfg, caches, inputs=inputs)
     datamodule.setup("fit")  # split / filter problems fail here, before the trainer starts
     module = CompressorModule(
         ftheta=ftheta,
         lr=lr,
         overlap_ratios=list(cfg.compressor.overlap_ratios),
         cache_meta=datamodule.cache_meta,
+        compressor=str(cfg.compressor.get("name", "ftheta")),
     )
     ck = cfg.checkpoint
     checkpoint = ModelCheckpoint(
@@ -338,11 +370,12 @@ def validate(
     if checkpoint is None:
         raise InputError("validate_only=true needs ckpt_path=<a .ckpt written by explain_prune.train>")
     ckpt_path = checkpoint.path
+    inputs = compressor_inputs(checkpoint.hparams["ftheta"])
     if eval_dirs is not None:
         caches: list[Any] = []
-        eval_caches: list[Any] | None = open_caches(eval_dirs, {"model": cfg.model.name})
+        eval_caches: list[Any] | None = open_caches(eval_dirs, {"model": cfg.model.name}, inputs=inputs)
     else:
-        caches = open_caches(cache_dirs, expect_meta(cfg, with_data=False), first_expect=expect_meta(cfg))
+        caches = open_caches(cache_dirs, expect_meta(cfg, with_data=False), first_expect=expect_meta(cfg), inputs=inputs)
         eval_caches = None
 
     from explain_prune.compress.module import CompressorModule
@@ -353,7 +386,7 @@ def validate(
     except (KeyError, RuntimeError, TypeError, ValueError) as err:
         raise InputError(f"not a compressor checkpoint: {ckpt_path} ({str(err).splitlines()[0]})") from None
     output_dir.mkdir(parents=True, exist_ok=True)
-    datamodule = build_datamodule(cfg, caches, eval_caches=eval_caches)
+    datamodule = build_datamodule(cfg, caches, eval_caches=eval_caches, inputs=inputs)
     datamodule.setup("validate")
     trainer = build_trainer(cfg, [])
     trainer.validate(module, datamodule=datamodule, verbose=False)
