@@ -163,8 +163,8 @@ def test_video_gt_frames():
 
 
 # --- adapter alignment and the shipped model ------------------------------------------------------
-def synthetic_model_cfg(pretrained: bool = True):
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / "synthetic.yaml")
+def synthetic_model_cfg(pretrained: bool = True, name: str = "synthetic"):
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
     if not pretrained:
         cfg.pretrained = None
     return cfg
@@ -222,17 +222,19 @@ def test_training_batches_match_the_adapter_prompt(random_vlm):
             torch.testing.assert_close(logits[i, p], ref, atol=1e-4, rtol=1e-4)
 
 
-def test_shipped_model_accuracy():
-    """The committed weights load through build_vlm(conf/model/synthetic.yaml) and answer >= 90 %
-    of 128 held-out samples with 2-6 objects (chance 25 %); greedy decoding gives the answer word
-    then stops."""
+@pytest.mark.parametrize("name,layers", [("synthetic", 12), ("synthetic_4layer", 4)])
+def test_shipped_model_accuracy(name, layers):
+    """The committed weights (the 12-layer default and the 4-layer predecessor) load through
+    build_vlm(conf/model/<name>.yaml) and answer >= 90 % of 128 held-out samples with 2-6 objects
+    (chance 25 %); greedy decoding gives the answer word then stops."""
     from explain_prune.models import build_vlm
     from explain_prune.models.tiny import build_tokenizer
     from explain_prune.synthetic.fit import TEST_SEED, predict
 
-    cfg = synthetic_model_cfg()
-    assert Path(cfg.pretrained) == MODEL_DIR
+    cfg = synthetic_model_cfg(name=name)
+    assert (Path(cfg.pretrained) == MODEL_DIR) == (name == "synthetic")
     vlm = build_vlm(cfg)
+    assert vlm.decoder.num_layers == layers
     assert vlm.tokenizer.get_vocab() == build_tokenizer().get_vocab()
     assert vlm.decoder.num_layers == cfg.llm.num_layers and vlm.decoder.head_dim == cfg.llm.head_dim
     samples = generate(SMALL, 128, seed=TEST_SEED)
@@ -308,8 +310,8 @@ def test_fit_smoke(tmp_path):
 
 
 def test_fit_is_deterministic(tmp_path):
-    """The same seed and overrides twice -> identical weights, on the deep model's architecture (the
-    12-layer `synthetic_12layer` config at its own width; 3 steps), and a different seed -> different weights."""
+    """The same seed and overrides twice -> identical weights, on the shipped 12-layer architecture with
+    the fit's own thread count (3 steps), and a different seed -> different weights."""
     from hydra import compose, initialize_config_dir
     from safetensors.torch import load_file
 
@@ -317,7 +319,7 @@ def test_fit_is_deterministic(tmp_path):
 
     def run(out, seed):
         overrides = [
-            "model=synthetic_12layer", f"seed={seed}", "steps=3", "eval_every=10", "training.val_n=2", f"out_dir={out}",
+            f"seed={seed}", "steps=3", "eval_every=10", "training.val_n=2", f"out_dir={out}",
             "training.streams.small.batch_size=2", "training.streams.large.batch_size=1",
             "heldout.test.n=2", "heldout.test.ablation_n=0", "~heldout.test_1to6", "~heldout.large_448px", "~heldout.video_8f",
         ]

@@ -1,6 +1,7 @@
 """Train the project's own small Qwen2-VL-architecture model on the synthetic grid task.
 
-    python -m explain_prune.synthetic_fit                    # reproduces explain_prune/assets/synthetic_model
+    python -m explain_prune.synthetic_fit                    # reproduces explain_prune/assets/synthetic_model (12 layers)
+    python -m explain_prune.synthetic_fit model=synthetic_4layer steps=2000 threads=1 training.streams.small.batch_size=32
     python -m explain_prune.synthetic_fit seed=1 out_dir=/tmp/m steps=600
 
 The architecture is `conf/model/synthetic.yaml:tiny`; the random initial model is built by the
