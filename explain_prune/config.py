@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from explain_prune.core import InputError
 from explain_prune.core.retention import check_retention
-from explain_prune.core.schema import Param, check_dataclass, check_mapping, check_value
+from explain_prune.core.schema import Param, check_dataclass, check_mapping, check_value, params_from_dataclass
 from explain_prune.data.video import SAMPLING_RULES
 from explain_prune.models import FAMILIES
 from explain_prune.models.base import DTYPES, resolve_device
@@ -82,6 +82,16 @@ STAGE_SETTINGS = {
         Param("shard_size", int, minimum=1),
         Param("n_visual", int | None, minimum=1),
         Param("bytes_per_value", int, minimum=1),
+        Param("seed", int),  # synthetic_fit's own settings from here on
+        Param("steps", int, minimum=1),
+        Param("lr", float, minimum=0.0),
+        Param("weight_decay", float, minimum=0.0),
+        Param("pct_start", float, minimum=0.0, maximum=1.0),
+        Param("grad_clip", float, minimum=0.0),
+        Param("threads", int, minimum=1),
+        Param("eval_every", int, minimum=1),
+        Param("target_accuracy", float, minimum=0.0, maximum=1.0),
+        Param("out_dir", str),
     )
 }
 
@@ -246,6 +256,64 @@ def check_trainer(node: Any) -> None:
     check_mapping("trainer", trainer, params)
 
 
+def _check_generator(where: str, node: Any) -> None:
+    from explain_prune.synthetic.generator import synthetic_config
+
+    try:
+        synthetic_config(node)
+    except InputError as err:
+        raise InputError(f"{where}: {str(err).removeprefix('synthetic: ')}") from None
+
+
+def check_curriculum(node: Any) -> None:
+    """synthetic_fit's `curriculum` against `synthetic.fit.Curriculum`."""
+    from explain_prune.synthetic.fit import Curriculum
+
+    given = _mapping("curriculum", node)
+    check_mapping("curriculum", given, params_from_dataclass(Curriculum))
+    if given.get("stop", 1) < given.get("start", 1):
+        raise InputError(f"curriculum.stop: must be >= curriculum.start ({given['start']}), got {given['stop']}")
+
+
+FIT_TRAINING = {p.name: p for p in (Param("streams", dict), Param("cycle", list), Param("val", dict),
+                                    Param("val_n", int, minimum=1))}
+FIT_HELDOUT_SET = {p.name: p for p in (Param("config", dict), Param("n", int, minimum=1), Param("ablation_n", int, minimum=0))}
+
+
+def check_training(node: Any) -> None:
+    """synthetic_fit's `training`: each stream against `synthetic.fit.Stream` and the generator's options."""
+    from explain_prune.synthetic.fit import Stream
+
+    given = _mapping("training", node)
+    check_mapping("training", given, FIT_TRAINING)
+    streams = given.get("streams") or {}
+    if not streams:
+        raise InputError("training.streams: name at least one training stream")
+    for name, stream in streams.items():
+        where = f"training.streams.{name}"
+        stream = _mapping(where, stream)
+        check_mapping(where, stream, params_from_dataclass(Stream))
+        _check_generator(f"{where}.config", stream.get("config"))
+    cycle = list(given.get("cycle") or [])
+    if not cycle or set(cycle) - set(streams):
+        raise InputError(f"training.cycle: must name streams in {sorted(streams)}, got {cycle}")
+    _check_generator("training.val", given.get("val"))
+
+
+def check_heldout(node: Any) -> None:
+    """synthetic_fit's `heldout` sets; the first one is the target."""
+    sets = _mapping("heldout", node)
+    if not sets:
+        raise InputError("heldout: name at least one held-out set (the first one is the target)")
+    for name, held in sets.items():
+        where = f"heldout.{name}"
+        held = _mapping(where, held)
+        check_mapping(where, held, FIT_HELDOUT_SET)
+        _check_generator(f"{where}.config", held.get("config"))
+        if held.get("ablation_n", 0) > held.get("n", 0):
+            raise InputError(f"{where}.ablation_n: must be <= {where}.n ({held.get('n')}), got {held['ablation_n']}")
+
+
 GROUP_CHECKS = {
     "model": check_model,
     "modality": lambda node: check_dataclass(ModalityConfig, "modality", _mapping("modality", node)),
@@ -256,6 +324,9 @@ GROUP_CHECKS = {
     "data": check_data,
     "compressor": check_compressor,
     "trainer": check_trainer,
+    "curriculum": check_curriculum,
+    "training": check_training,
+    "heldout": check_heldout,
 }
 
 

@@ -115,6 +115,20 @@ BAD = [
     ("train", ["trainer.max_epochs=0"], "trainer.max_epochs: must be >= 1, got 0"),
     ("train", ["trainer.precision=bf17"], "trainer.precision: expected 64 | 32 | 16 | 'transformer-engine'"),
     ("train", ["+trainer.max_epoch=3"], "trainer.max_epoch: unknown key (allowed: accelerator, accumulate_grad_batches"),
+    # synthetic_fit: its own settings and groups, before the random model is built
+    ("synthetic_fit", ["steps=0"], "steps: must be >= 1, got 0"),
+    ("synthetic_fit", ["pct_start=1.5"], "pct_start: must be <= 1, got 1.5"),
+    ("synthetic_fit", ["target_accuracy=1.2"], "target_accuracy: must be <= 1, got 1.2"),
+    ("synthetic_fit", ["threads=two"], "threads: expected int, got 'two'"),
+    ("synthetic_fit", ["curriculum.threshold=2"], "curriculum.threshold: must be <= 1, got 2"),
+    ("synthetic_fit", ["curriculum.start=4", "curriculum.stop=3"], "curriculum.stop: must be >= curriculum.start (4), got 3"),
+    ("synthetic_fit", ["+curriculum.current=2"], "curriculum.current: unknown key (allowed: min_steps, start, stop, threshold, window)"),
+    ("synthetic_fit", ["training.streams.small.batch_size=0"], "training.streams.small.batch_size: must be >= 1, got 0"),
+    ("synthetic_fit", ["training.cycle=[small,big]"], "training.cycle: must name streams in ['large', 'small'], got ['small', 'big']"),
+    ("synthetic_fit", ["+training.streams.small.config.gridd=3"], "training.streams.small.config: unknown generator option(s) ['gridd']"),
+    ("synthetic_fit", ["training.val.grid=0"], "training.val: "),
+    ("synthetic_fit", ["heldout.test.ablation_n=1000"], "heldout.test.ablation_n: must be <= heldout.test.n (512), got 1000"),
+    ("synthetic_fit", ["heldout.video_8f.n=0"], "heldout.video_8f.n: must be >= 1, got 0"),
 ]
 
 

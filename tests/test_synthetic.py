@@ -4,6 +4,10 @@ alignment with the Qwen2-VL adapter, and the shipped trained model."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -278,26 +282,32 @@ def test_curriculum_raises_the_bound_on_running_accuracy():
     assert cur.current == 3  # stops at `stop`
 
 
-def test_fit_smoke(tmp_path):
-    """Two optimisation steps end to end: the saved directory loads through the adapter."""
+def _fit(overrides):
+    """Compose conf/synthetic_fit.yaml with `overrides` and fit, restoring torch's thread count (fit sets its own)."""
     from hydra import compose, initialize_config_dir
 
-    from explain_prune.models import build_vlm
-    from explain_prune.synthetic.fit import fit
+    from explain_prune.synthetic import fit as fit_module
 
-    overrides = [
-        "steps=2", "eval_every=1", "training.val_n=2", f"out_dir={tmp_path}",
-        "training.streams.small.batch_size=2", "training.streams.large.batch_size=1", "training.streams.large.from_level=1",
-        "heldout.test.n=2", "heldout.test.ablation_n=1", "~heldout.test_1to6", "~heldout.large_448px",
-        "heldout.video_8f.n=1", "heldout.video_8f.ablation_n=0",
-    ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="synthetic_fit", overrides=overrides)
     threads = torch.get_num_threads()
     try:
-        report = fit(cfg, overrides)
+        return cfg, fit_module.fit(cfg, overrides)
     finally:
-        torch.set_num_threads(threads)  # fit() sets its own thread count
+        torch.set_num_threads(threads)
+
+
+def test_fit_smoke(tmp_path):
+    """Two optimisation steps end to end: the saved directory loads through the adapter."""
+    from explain_prune.models import build_vlm
+
+    overrides = [
+        "steps=2", "eval_every=1", "training.val_n=2", f"out_dir={tmp_path}", "target_accuracy=0",
+        "training.streams.small.batch_size=2", "training.streams.large.batch_size=1", "training.streams.large.from_level=1",
+        "heldout.test.n=2", "heldout.test.ablation_n=1", "~heldout.test_1to6", "~heldout.large_448px",
+        "heldout.video_8f.n=1", "heldout.video_8f.ablation_n=0",
+    ]
+    cfg, report = _fit(overrides)
     assert report["steps"] == 2 and len(report["curve"]) == 2
     assert report["batches_per_stream"]["large"] >= 1  # the cycle reached the large stream
     assert set(report["heldout"]) == {"test", "video_8f"} and "token_ablation" in report["heldout"]["test"]
@@ -309,27 +319,88 @@ def test_fit_smoke(tmp_path):
     assert vlm.prepare(make_sample(SMALL, seed=0, index=0)).num_visual == 64
 
 
+def test_fit_below_target_never_replaces_out_dir(tmp_path, monkeypatch):
+    """A fit whose first held-out set misses target_accuracy publishes to `<out_dir>-below-target` and
+    leaves the model already in out_dir byte for byte."""
+    from explain_prune.synthetic import fit as fit_module
+
+    shipped = tmp_path / "model"
+    shipped.mkdir()
+    (shipped / "model.safetensors").write_bytes(b"shipped weights")
+    monkeypatch.setattr(fit_module, "evaluate_sets", lambda vlm, sets, seed: {"test": {"accuracy": 0.5}})
+    overrides = [
+        "steps=1", "eval_every=10", "training.val_n=2", f"out_dir={shipped}", "target_accuracy=0.9",
+        "training.streams.small.batch_size=2", "training.streams.large.batch_size=1",
+        "heldout.test.n=2", "heldout.test.ablation_n=0", "~heldout.test_1to6", "~heldout.large_448px", "~heldout.video_8f",
+    ]
+    _, report = _fit(overrides)
+    rejected = tmp_path / "model-below-target"
+    assert not report["accepted"] and report["out_dir"] == str(rejected)
+    assert sorted(p.name for p in shipped.iterdir()) == ["model.safetensors"]
+    assert (shipped / "model.safetensors").read_bytes() == b"shipped weights"
+    saved = json.loads((rejected / "fit_report.json").read_text())
+    assert saved["accepted"] is False and saved["target_accuracy"] == 0.9
+    assert (rejected / "model.safetensors").stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-below-target"]  # no staging left
+
+
+class _SavesFiles:
+    """Stands in for a model or tokenizer: save_pretrained writes one named file."""
+
+    def __init__(self, name, fail=False):
+        self.name, self.fail = name, fail
+
+    def save_pretrained(self, folder):
+        if self.fail:
+            raise OSError("disk full")
+        (Path(folder) / self.name).write_text("new")
+
+
+def test_publish_swaps_whole_folder_and_survives_interruptions(tmp_path):
+    """_publish replaces out_dir in one rename; a save that fails leaves out_dir as it was; a swap
+    interrupted between its two renames is repaired by the next publish."""
+    from types import SimpleNamespace
+
+    from explain_prune.synthetic.fit import _publish
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.bin").write_text("old")
+    broken = SimpleNamespace(model=_SavesFiles("model.safetensors", fail=True), tokenizer=_SavesFiles("tokenizer.json"))
+    with pytest.raises(OSError, match="disk full"):
+        _publish(broken, {"n": 1}, out)
+    assert sorted(p.name for p in out.iterdir()) == ["old.bin"]
+    good = SimpleNamespace(model=_SavesFiles("model.safetensors"), tokenizer=_SavesFiles("tokenizer.json"))
+    _publish(good, {"n": 2}, out)
+    assert sorted(p.name for p in out.iterdir()) == ["fit_report.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the failed staging folder is gone too
+    os.replace(out, tmp_path / ".model.previous")  # as if killed after moving out_dir aside
+    with pytest.raises(OSError):
+        _publish(broken, {"n": 3}, out)
+    assert json.loads((out / "fit_report.json").read_text()) == {"n": 2}  # the previous model is back
+
+
+def test_fit_alias_module_checks_config_first():
+    """`python -m explain_prune.synthetic.fit` is the stage itself: a bad setting is one line, exit 2,
+    before any model is built."""
+    proc = subprocess.run([sys.executable, "-m", "explain_prune.synthetic.fit", "steps=0"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: steps: must be >= 1, got 0"
+
+
 def test_fit_is_deterministic(tmp_path):
     """The same seed and overrides twice -> identical weights, on the shipped 12-layer architecture with
     the fit's own thread count (3 steps), and a different seed -> different weights."""
-    from hydra import compose, initialize_config_dir
     from safetensors.torch import load_file
-
-    from explain_prune.synthetic.fit import fit
 
     def run(out, seed):
         overrides = [
-            f"seed={seed}", "steps=3", "eval_every=10", "training.val_n=2", f"out_dir={out}",
+            f"seed={seed}", "steps=3", "eval_every=10", "training.val_n=2", f"out_dir={out}", "target_accuracy=0",
             "training.streams.small.batch_size=2", "training.streams.large.batch_size=1",
             "heldout.test.n=2", "heldout.test.ablation_n=0", "~heldout.test_1to6", "~heldout.large_448px", "~heldout.video_8f",
         ]
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="synthetic_fit", overrides=overrides)
-        threads = torch.get_num_threads()
-        try:
-            fit(cfg, overrides)
-        finally:
-            torch.set_num_threads(threads)
+        _fit(overrides)
         return load_file(out / "model.safetensors")
 
     first, again, other = run(tmp_path / "a", 0), run(tmp_path / "b", 0), run(tmp_path / "c", 1)

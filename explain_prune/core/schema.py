@@ -33,6 +33,7 @@ class Param:
     default: Any = None
     choices: tuple[Any, ...] | None = None
     minimum: float | None = None  # inclusive lower bound for numbers
+    maximum: float | None = None  # inclusive upper bound for numbers
 
 
 def _type_name(annotation: Any) -> str:
@@ -89,6 +90,9 @@ def check_value(where: str, param: Param, value: Any) -> None:
     if param.minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
         if math.isnan(value) or value < param.minimum:
             raise InputError(f"{key}: must be >= {param.minimum:g}, got {value!r}")
+    if param.maximum is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isnan(value) or value > param.maximum:
+            raise InputError(f"{key}: must be <= {param.maximum:g}, got {value!r}")
 
 
 def check_mapping(where: str, given: Mapping[str, Any], params: Mapping[str, Param], extra: Sequence[str] = ()) -> None:
@@ -157,14 +161,18 @@ def params_from_defaults(defaults: Mapping[str, Any], choices: Mapping[str, Sequ
 
 
 def params_from_dataclass(cls: type) -> dict[str, Param]:
-    """A dataclass's fields; `field(metadata={"choices": ..., "minimum": ...})` adds constraints."""
+    """A dataclass's settable (`init`) fields; `field(metadata={"choices": ..., "minimum": ..., "maximum": ...})`
+    adds constraints."""
     hints = _hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
+        if not f.init:  # state the object sets itself
+            continue
         default = f.default if f.default is not dataclasses.MISSING else None
         choices = f.metadata.get("choices")
         out[f.name] = Param(
-            f.name, hints.get(f.name, ANY), default, tuple(choices) if choices else None, f.metadata.get("minimum")
+            f.name, hints.get(f.name, ANY), default, tuple(choices) if choices else None,
+            f.metadata.get("minimum"), f.metadata.get("maximum"),
         )
     return out
 

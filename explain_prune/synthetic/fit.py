@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -153,13 +154,13 @@ class Curriculum:
     """Upper bound on objects per image, raised by one each time the running training accuracy at
     the current bound reaches `threshold` (over `window` samples, at least `min_steps` steps)."""
 
-    start: int
-    stop: int
-    threshold: float
-    window: int
-    min_steps: int = 50
+    start: int = field(metadata={"minimum": 1})
+    stop: int = field(metadata={"minimum": 1})
+    threshold: float = field(metadata={"minimum": 0.0, "maximum": 1.0})
+    window: int = field(metadata={"minimum": 1})  # samples
+    min_steps: int = field(default=50, metadata={"minimum": 0})
     current: int = field(init=False)
-    history: list[dict[str, int]] = field(default_factory=list)
+    history: list[dict[str, int]] = field(default_factory=list, init=False)
     _recent: deque = field(init=False, repr=False)
     _steps: int = field(default=0, init=False, repr=False)
 
@@ -186,8 +187,8 @@ class Curriculum:
 @dataclass(frozen=True)
 class Stream:
     config: SyntheticConfig
-    batch_size: int
-    from_level: int = 0  # used once the curriculum's object bound reaches this level
+    batch_size: int = field(metadata={"minimum": 1})
+    from_level: int = field(default=0, metadata={"minimum": 0})  # used once the curriculum's object bound reaches this level
 
 
 class SyntheticStream(IterableDataset):
@@ -300,8 +301,27 @@ def evaluate_sets(vlm: Any, sets: dict[str, tuple[SyntheticConfig, int, int]], s
     return report
 
 
+def _publish(vlm: Any, report: dict[str, Any], out_dir: Path) -> None:
+    """Write model, tokenizer and fit_report.json to a staging folder beside out_dir, then rename it into
+    place: an interrupted fit never leaves a half-written model where the adapter would load it."""
+    staging, previous = (out_dir.with_name(f".{out_dir.name}.{tag}") for tag in ("partial", "previous"))
+    if previous.exists() and not out_dir.exists():  # an earlier swap stopped between its two renames
+        os.replace(previous, out_dir)
+    for stale in (staging, previous):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging.mkdir(parents=True)
+    vlm.model.save_pretrained(staging)
+    vlm.tokenizer.save_pretrained(staging)
+    (staging / "fit_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    if out_dir.exists():
+        os.replace(out_dir, previous)  # a directory cannot be renamed onto a non-empty one
+    os.replace(staging, out_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 def fit(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Train, evaluate on held-out sets, save the model + tokenizer + fit_report.json to out_dir."""
+    """Train, evaluate on held-out sets, then publish the model + tokenizer + fit_report.json to out_dir,
+    or to `<out_dir>-below-target` when the first held-out set misses `target_accuracy`."""
     import lightning as L
 
     from explain_prune.models import build_vlm
@@ -351,10 +371,11 @@ def fit(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         for name, node in cfg.heldout.items()
     }
     heldout = evaluate_sets(vlm, sets, seed=TEST_SEED)
+    target = float(cfg.target_accuracy)
+    accepted = next(iter(heldout.values()))["accuracy"] >= target
     out_dir = Path(str(cfg.out_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    vlm.model.save_pretrained(out_dir)
-    vlm.tokenizer.save_pretrained(out_dir)
+    if not accepted:  # the weights are kept for inspection, but never replace a model that met the target
+        out_dir = out_dir.with_name(out_dir.name + "-below-target")
     report = {
         "command": " ".join(["python -m explain_prune.synthetic_fit", *overrides]),
         "seed": int(cfg.seed),
@@ -372,11 +393,19 @@ def fit(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         "train": OmegaConf.to_container(cfg.training, resolve=True),
         "heldout_seed": TEST_SEED,
         "heldout": heldout,
+        "target_accuracy": target,
+        "accepted": accepted,
         "curve": curve,
     }
-    (out_dir / "fit_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    _publish(vlm, report, out_dir)
     log.info("saved %s (%.1f s)", out_dir, report["wall_seconds"])
-    return report
+    return {**report, "out_dir": str(out_dir)}
 
 
 register_resolvers()
+
+
+if __name__ == "__main__":  # `python -m explain_prune.synthetic.fit` runs the stage `-m explain_prune.synthetic_fit`
+    import runpy  # as __main__, so that Hydra finds conf/ from the stage's file wherever the package is
+
+    runpy.run_module("explain_prune.synthetic_fit", run_name="__main__", alter_sys=True)
