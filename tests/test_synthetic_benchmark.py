@@ -232,3 +232,33 @@ def test_evaluate_cli_defaults_to_the_synthetic_benchmark(tmp_path):
         assert pointing[key] == pytest.approx(100 * np.mean([r["sample_metrics"][key] for r in rows]))
     assert pointing["argmax_hit_uniform"] == pytest.approx(100 * np.mean([len(r["meta"]["gt_tokens"]) / 64 for r in rows]))
     assert results["efficiency"]["kept_per_layer"] == [16.0] * 12  # the default synthetic model has 12 layers
+
+
+def test_run_on_probe_interventions_change_only_what_they_name(synthetic_vlm):
+    """scripts/probe_run_on.py: a fixed kept set given to the engine answers as the method that chose
+    it did, and renumbering gives the live tokens 0..n-1 on all three M-RoPE axes, nothing else."""
+    import importlib.util
+
+    from explain_prune.benchmarks.synthetic import BENCHMARK_SEED
+    from explain_prune.methods import build_method
+    from explain_prune.synthetic.generator import make_scene, scene_to_sample
+
+    spec = importlib.util.spec_from_file_location("probe_run_on", ROOT / "scripts/probe_run_on.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    cfg = SyntheticConfig(grid=4, cell_px=56, min_objects=2, max_objects=6)
+    prompt = synthetic_vlm.prepare(scene_to_sample(make_scene(cfg, BENCHMARK_SEED, 0), "probe-0"))
+    original = prompt.position_ids.clone()
+    words, kept = probe.method_kept(build_method("gae", 0.25, max_new_tokens=2), synthetic_vlm, prompt)
+    assert len(kept) == 16 and probe.answer_with(synthetic_vlm, prompt, kept, renumber=False) == words
+
+    compact = probe.renumbered(prompt, kept).position_ids  # [3, 1, L]
+    live = torch.ones(prompt.length, dtype=torch.bool)
+    live[prompt.visual_index] = False
+    live[prompt.visual_index[kept]] = True
+    assert compact.shape == original.shape and torch.equal(prompt.position_ids, original)
+    for axis in range(3):
+        torch.testing.assert_close(compact[axis, 0, live], torch.arange(int(live.sum())))
+    first_visual = int(prompt.visual_index[0])
+    assert torch.equal(compact[:, 0, :first_visual], original[:, 0, :first_visual])  # the text before is unchanged
+    assert not torch.equal(compact[:, 0, live], original[:, 0, live])  # the grid positions are not
